@@ -1,0 +1,40 @@
+# Quick start: `make demo` (the whole workflow on the embedded default) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/tiny.yaml
+REPORT ?= results/report.html
+# The embedded default and the tests never touch the hub (open_clip would retry it for ~46 s).
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: demo test lint dry-run study-dry-run report clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --editable .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/snakemake --profile profiles/local --configfile $(CONFIG)
+	$(BIN)/snakemake --configfile $(CONFIG) --report $(REPORT)
+	@echo "conceptbench: summary in results/tables/summary.md, report in $(REPORT)"
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/snakemake --lint --configfile $(CONFIG)
+
+dry-run: $(VENV)/.installed
+	$(BIN)/snakemake -n --configfile $(CONFIG)
+
+study-dry-run: $(VENV)/.installed
+	$(BIN)/snakemake -n
+
+report: $(VENV)/.installed
+	$(BIN)/snakemake --configfile $(CONFIG) --report $(REPORT)
+
+clean:
+	rm -rf results resources .snakemake

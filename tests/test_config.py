@@ -1,0 +1,102 @@
+"""The config is validated at load: a wrong key or value is refused with the key named."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conceptbench import config as cb
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = yaml.safe_load((ROOT / "config/tiny.yaml").read_text())
+STUDY = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+
+
+def test_shipped_configs_validate():
+    for raw in (TINY, STUDY):
+        cfg = cb.validate(copy.deepcopy(raw))
+        assert cfg["evaluation"]["seeds"] >= 1  # defaults are filled in
+
+
+def test_study_config_is_the_study():
+    cfg = cb.validate(copy.deepcopy(STUDY))
+    v = cb.variants(cfg)
+    assert list(v["dreambooth"].values()) == [0.25, 0.5, 0.75, 1.0]
+    assert list(v["lora"].values()) == [4, 8, 16]
+    assert list(v["textual_inversion"].values()) == [1, 2, 4, 8]
+    assert list(v["custom_diffusion"].values()) == ["crossattn", "crossattn_kv"]
+    assert list(v["lcm"].values()) == ["l2", "huber"]
+    assert list(v["ddpo"].values()) == [False, True]
+    exps = cfg["experiments"]
+    steps = {name: exps[name]["train"]["steps"] for name in exps}
+    assert steps == {"dreambooth": 400, "lora": 15000, "textual_inversion": 800,
+                     "custom_diffusion": 250, "lcm": 10000, "ddpo": 200}
+    lrs = {name: exps[name]["train"]["learning_rate"] for name in exps}
+    assert lrs == {"dreambooth": 5e-6, "lora": 1e-4, "textual_inversion": 5e-4,
+                   "custom_diffusion": 1e-5, "lcm": 1e-6, "ddpo": 3e-4}
+    assert {n: e["sampling"]["steps"] for n, e in exps.items()}["lcm"] == 4
+    assert exps["ddpo"]["sampling"]["steps"] == 50
+    assert exps["custom_diffusion"]["base_model"] == "sd14"
+    assert exps["dreambooth"]["class_images"]["count"] == 100
+    for spec in cfg["models"].values():
+        assert len(spec["revision"]) == 40  # every hub download is pinned
+
+
+def test_tiny_has_the_same_experiments_and_sweeps():
+    tiny, study = cb.validate(copy.deepcopy(TINY)), cb.validate(copy.deepcopy(STUDY))
+    assert tiny["experiments"].keys() == study["experiments"].keys()
+    for name in study["experiments"]:
+        assert tiny["experiments"][name]["sweep"] == study["experiments"][name]["sweep"]
+        assert tiny["experiments"][name]["method"] == study["experiments"][name]["method"]
+    assert all(m.get("tiny") for m in tiny["models"].values())
+
+
+def _broken(path, value):
+    cfg = copy.deepcopy(TINY)
+    node = cfg
+    for key in path[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        (("experiments", "dreambooth", "train", "steps"), -5, "experiments.dreambooth.train.steps: -5 is less than the minimum of 1"),
+        (("experiments", "dreambooth", "train", "learning_rate"), 0, "experiments.dreambooth.train.learning_rate: 0 is less than or equal to the minimum of 0"),
+        (("experiments", "dreambooth", "method"), "hypernetwork", "experiments.dreambooth.method: 'hypernetwork' is not one of"),
+        (("experiments", "dreambooth", "sweep", "values"), [], "experiments.dreambooth.sweep.values: [] should be non-empty"),
+        (("experiments", "dreambooth", "sweep", "values"), [0.5, "0.5"], "duplicate variant names ['lambda-0.5']"),
+        (("experiments", "dreambooth", "trian"), {}, "experiments.dreambooth: Additional properties are not allowed ('trian' was unexpected)"),
+        (("experiments", "dreambooth", "base_model"), "sdxl", "experiments.dreambooth.base_model: 'sdxl' is not in models"),
+        (("experiments", "dreambooth", "data"), "horse", "experiments.dreambooth.data: 'horse' is not in datasets"),
+        (("experiments", "dreambooth", "sweep", "param"), "train.stepz", "experiments.dreambooth.sweep.param: train has no key 'stepz'"),
+        (("experiments", "dreambooth", "prompts"), ["a dog in a bucket"], "lacks subject_phrase 'sks dog'"),
+        (("models", "sd15"), {"kind": "diffusion", "repo": "x/y", "revision": "main"}, "models.sd15.revision: 'main' does not match"),
+        (("models", "sd15"), {"kind": "diffusion"}, "models.sd15: A model, from exactly one source"),
+        (("evaluation", "seeds"), 0, "evaluation.seeds: 0 is less than the minimum of 1"),
+    ],
+)
+def test_bad_values_name_the_key(path, value, expected):
+    with pytest.raises(cb.ConfigError) as err:
+        cb.validate(_broken(path, value))
+    assert expected in str(err.value)
+
+
+def test_variant_spec_carries_the_swept_value():
+    cfg = cb.validate(copy.deepcopy(TINY))
+    spec = cb.resolve_variant(cfg, "dreambooth", "lambda-0.75")
+    assert spec["args"]["prior_loss_weight"] == 0.75
+    assert spec["args"]["class_prompt"] == "a photo of a dog"
+    assert spec["train"]["steps"] == TINY["experiments"]["dreambooth"]["train"]["steps"]
+
+
+def test_clip_t_prompt_replaces_the_placeholder():
+    exp = cb.validate(copy.deepcopy(TINY))["experiments"]["dreambooth"]
+    rows = cb.eval_prompts(exp)
+    assert rows[0] == {"prompt": "sks dog in a bucket", "eval_prompt": "a dog in a bucket"}

@@ -1,0 +1,41 @@
+# Evaluation: reference embeddings once per subject, then per-image CLIP-T, CLIP-I, DINO-I and
+# aesthetic scores for each variant, with degenerate images flagged.
+
+
+rule embed_references:
+    input:
+        unpack(reference_models),
+        images=f"{RESULTS}/data/{{dataset}}",
+    output:
+        f"{RESULTS}/references/{{dataset}}.safetensors",
+    log:
+        f"{RESULTS}/logs/embed_references/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed_references/{{dataset}}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=20,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/embed_references.py"
+
+
+rule evaluate:
+    input:
+        unpack(evaluate_inputs),
+    output:
+        f"{RESULTS}/metrics/{{experiment}}/{{variant}}.csv",
+    log:
+        f"{RESULTS}/logs/evaluate/{{experiment}}/{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{experiment}}/{{variant}}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=30,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/evaluate.py"

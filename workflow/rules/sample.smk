@@ -1,0 +1,32 @@
+# Sampling: every prompt x seed with fixed generators (a rerun gives the same images), batched,
+# plus the steady-state latency of one image.
+
+
+rule sample:
+    input:
+        base=base_model_of,
+        artifact=f"{RESULTS}/train/{{experiment}}/{{variant}}/artifact",
+    output:
+        samples=report(
+            directory(f"{RESULTS}/samples/{{experiment}}/{{variant}}"),
+            patterns=["{name}.png"],
+            caption="../report/samples.rst",
+            category="{experiment}",
+            subcategory="Samples",
+            labels={"variant": "{variant}", "image": "{name}"},
+        ),
+    params:
+        spec=variant_spec,
+        cfg=sampling_params,
+    log:
+        f"{RESULTS}/logs/sample/{{experiment}}/{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sample/{{experiment}}/{{variant}}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=60,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/sample.py"

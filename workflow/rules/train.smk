@@ -1,0 +1,26 @@
+# Training: one rule for every method and variant, on the shared core (src/conceptbench/train).
+# Checkpoints live outside the outputs, so a failed or preempted job resumes instead of restarting.
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        artifact=directory(f"{RESULTS}/train/{{experiment}}/{{variant}}/artifact"),
+        summary=f"{RESULTS}/train/{{experiment}}/{{variant}}/train.json",
+        loss=f"{RESULTS}/train/{{experiment}}/{{variant}}/loss.jsonl",
+    params:
+        spec=variant_spec,
+        checkpoints=f"{RESULTS}/checkpoints/{{experiment}}/{{variant}}",
+    log:
+        f"{RESULTS}/logs/train/{{experiment}}/{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{experiment}}/{{variant}}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=64000,
+        runtime=240,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,15 @@
+"""Score every sample of a variant: CLIP-T, CLIP-I, DINO-I and aesthetic per image, degenerate ones flagged."""
+
+from conceptbench.jobs import job
+
+with job(snakemake.log[0]):
+    from conceptbench.metrics.evaluate import evaluate_samples
+
+    evaluate_samples(
+        snakemake.input.samples,
+        snakemake.input.get("references"),
+        snakemake.input.clip,
+        snakemake.input.get("dino"),
+        snakemake.input.get("aesthetic"),
+        snakemake.output[0],
+    )

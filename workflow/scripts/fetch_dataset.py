@@ -1,0 +1,8 @@
+"""Fetch a dataset from the Hugging Face hub at its pinned revision."""
+
+from conceptbench.jobs import job
+
+with job(snakemake.log[0]):
+    from conceptbench.models.hub import fetch_dataset
+
+    fetch_dataset(snakemake.wildcards.dataset, snakemake.params.spec, snakemake.output[0])

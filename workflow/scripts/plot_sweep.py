@@ -1,0 +1,7 @@
+"""Plot one experiment's metrics against its swept hyperparameter, with bootstrap intervals."""
+
+from conceptbench.jobs import job
+from conceptbench.plots import plot_sweep
+
+with job(snakemake.log[0]):
+    plot_sweep(snakemake.wildcards.experiment, snakemake.params.experiment, snakemake.input.metrics, snakemake.output[0])

@@ -1,0 +1,15 @@
+"""Sample a trained variant: every prompt x seed with fixed generators, plus steady-state latency."""
+
+from conceptbench.jobs import job
+
+with job(snakemake.log[0]):
+    from conceptbench.sample import run_sampling
+
+    run_sampling(
+        snakemake.params.spec,
+        base_model=snakemake.input.base,
+        artifact_dir=snakemake.input.artifact,
+        cfg=snakemake.params.cfg,
+        out_dir=snakemake.output.samples,
+        threads=snakemake.threads,
+    )

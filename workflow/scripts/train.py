@@ -1,0 +1,18 @@
+"""Train one variant on the shared core; resumes from its last checkpoint when rerun."""
+
+from conceptbench.jobs import job
+
+with job(snakemake.log[0]):
+    from conceptbench.train import run_training
+
+    run_training(
+        snakemake.params.spec,
+        base_model=snakemake.input.base,
+        data_dir=snakemake.input.get("data"),
+        class_dir=snakemake.input.get("class_images"),
+        artifact_dir=snakemake.output.artifact,
+        work_dir=snakemake.params.checkpoints,
+        log_path=snakemake.output.loss,
+        summary_path=snakemake.output.summary,
+        threads=snakemake.threads,
+    )
