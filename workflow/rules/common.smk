@@ -104,7 +104,10 @@ def reference_models(wildcards):
 
 
 def variant_spec(wildcards):
-    return cb.resolve_variant(config, wildcards.experiment, wildcards.variant)
+    """The training spec; sampling settings are left out so changing them reruns no training."""
+    spec = cb.resolve_variant(config, wildcards.experiment, wildcards.variant)
+    del spec["sampling"]
+    return spec
 
 
 def sampling_params(wildcards):
