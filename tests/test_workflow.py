@@ -45,7 +45,8 @@ def write_config(path, cfg):
 
 
 def test_lint_is_clean(tmp_path):
-    out = snakemake(tmp_path, "--lint", "--configfile", str(ROOT / "config/tiny.yaml")).stdout
+    proc = snakemake(tmp_path, "--lint", "--configfile", str(ROOT / "config/tiny.yaml"))
+    out = proc.stdout + proc.stderr
     assert "Congratulations, your workflow is in a good condition" in out
 
 

@@ -1,0 +1,203 @@
+"""The interface between the shared training loop and one way of teaching a concept.
+
+A method says what is trainable, how a batch is drawn, what the loss of a batch is, how its
+artifact is saved and how a pipeline for sampling is loaded back from it. The loop in core.py does
+everything else (devices, precision, accumulation, clipping, schedules, checkpoints, logging).
+
+Life cycle, as core.train drives it:
+
+    method = MethodClass(spec["args"])
+    method.setup(ctx)                       # load base models, cache what stays fixed
+    groups = method.param_groups()         # fp32 tensors with requires_grad=True
+    for step in range(start, steps):
+        for micro in range(accumulation):  # g: a CPU torch.Generator seeded from (seed, step, micro)
+            batch = method.batch(step, g)  # under no_grad + autocast: data, noise, timesteps
+            loss = method.loss(batch, g)   # under autocast, with grad
+        ...optimizer step...
+        method.after_step(step)            # e.g. restore frozen embedding rows
+    method.save(artifact_dir)
+    pipe = MethodClass.load_pipeline(artifact_dir, base_model, spec, device, dtype)
+
+All randomness must come from the generator passed in, so a resumed run repeats an uninterrupted one.
+The module also holds the small helpers most methods share (images, prompts, latents, targets);
+captions of a prepared dataset come from `conceptbench.data.read_prepared`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..images import DataError, center_square, image_files, load_rgb
+
+_REQUIRED = object()
+
+
+class MethodError(ValueError):
+    """A method's arguments or inputs cannot work; the message names the method and the key."""
+
+
+@dataclass
+class TrainContext:
+    """What setup() gets: the spec, the inputs and where to compute."""
+
+    spec: dict
+    base_model: Path
+    data_dir: Path | None  # None for methods that make their own data (DDPO)
+    class_dir: Path | None
+    device: torch.device
+    mixed_precision: str  # "no" | "fp16" | "bf16": frozen modules may be held in this dtype
+    gradient_checkpointing: bool = False
+
+    @property
+    def seed(self) -> int:
+        return int(self.spec.get("seed", 0))
+
+    @property
+    def resolution(self) -> int:
+        return int(self.spec.get("resolution", 512))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.spec.get("train", {}).get("batch_size", 1))
+
+
+class Method:
+    """Base class of a training method; subclasses live in conceptbench/methods/<name>.py."""
+
+    name = "method"
+
+    def __init__(self, args: dict):
+        self.args = dict(args or {})
+
+    def arg(self, key: str, default=_REQUIRED):
+        """args[key], or `default`; a missing key without default is a MethodError naming it."""
+        if key in self.args:
+            return self.args[key]
+        if default is _REQUIRED:
+            raise MethodError(f"{self.name}: args.{key} is required")
+        return default
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Load the base models onto ctx.device, freeze what is not trained, cache fixed inputs."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer param groups: {"params": [fp32 tensors], optional "lr", "weight_decay"}."""
+        raise NotImplementedError
+
+    def batch(self, step: int, generator: torch.Generator) -> Any:
+        """Draw the inputs of one micro-batch; every random choice uses `generator` (CPU)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """The scalar loss of `batch` (kept on the device; the loop reads it only at log points)."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step (0-based `step`), outside autocast and without grad."""
+
+    def state_dict(self) -> dict:
+        """Extra state to checkpoint besides the trainable tensors (e.g. an EMA target)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
+
+    def save(self, artifact_dir: Path) -> None:
+        """Write the artifact into the (new, empty) folder `artifact_dir`, in a stock diffusers format."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_pipeline(cls, artifact_dir: Path, base_model: Path, spec: dict,
+                      device: torch.device, dtype: torch.dtype = torch.float32):
+        """A ready-to-sample diffusers pipeline built from the artifact (and the base model)."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- helpers methods share
+
+
+def load_base_pipeline(base_model: Path, dtype: torch.dtype = torch.float32):
+    """The base StableDiffusionPipeline on the CPU, without safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(base_model), safety_checker=None, requires_safety_checker=False, dtype=dtype
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_image_folder(folder: Path, resolution: int) -> torch.Tensor:
+    """All images of a folder (sorted by name) as a float tensor [N, 3, R, R] in [-1, 1].
+
+    Prepared datasets are already R x R RGB PNGs; anything else is center-cropped and resized.
+    """
+    files = image_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no images")
+    arrays = []
+    for path in files:
+        img = load_rgb(path)
+        if img.size != (resolution, resolution):
+            img = center_square(img, resolution)
+        arrays.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def encode_latent_distribution(vae, images: torch.Tensor, device: torch.device, chunk: int = 8):
+    """(mean, std) of the VAE's latent distribution per image, already scaled for the U-Net."""
+    vae.to(device)
+    means, stds = [], []
+    for part in images.split(chunk):
+        dist = vae.encode(part.to(device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (torch.cat(means) - shift) * scale, torch.cat(stds) * scale
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw latents from a cached (scaled) distribution, noise from the CPU generator."""
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device, non_blocking=True)
+    return mean + std * eps
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's max length (77 for SD v1.5)."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden state for each prompt (what the U-Net cross-attends to)."""
+    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+def noise_and_target(scheduler, latents: torch.Tensor, generator: torch.Generator):
+    """(noisy latents, timesteps, regression target) for the DDPM objective.
+
+    Timesteps are uniform over the training schedule; the target is the noise for epsilon
+    prediction and the velocity for v_prediction, as the scheduler's config says.
+    """
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, non_blocking=True)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    timesteps = timesteps.to(latents.device, non_blocking=True)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r} (expected epsilon or v_prediction)")
+    return noisy, timesteps, target

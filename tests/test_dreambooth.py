@@ -1,0 +1,143 @@
+"""DreamBooth: the loss, what training touches, and save/reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conceptbench.methods import get_method
+from conceptbench.methods.dreambooth import DreamBooth, dreambooth_loss
+from conceptbench.train import MethodError, TrainContext, train, train_config
+from conceptbench.train.method import noise_and_target
+
+
+def make(spec, base, instance_dir, class_dir):
+    ctx = TrainContext(spec=spec, base_model=base, data_dir=instance_dir, class_dir=class_dir,
+                       device=torch.device("cpu"), mixed_precision="no")
+    return DreamBooth(spec["args"]), ctx
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    return [k for k, v in module.state_dict().items() if not torch.equal(before[k], v)]
+
+
+def test_registry_and_argument_errors(tiny_pipeline_dir, instance_dir, dreambooth_spec):
+    assert get_method("dreambooth") is DreamBooth
+    with pytest.raises(MethodError, match="unknown method 'nope'"):
+        get_method("nope")
+    del dreambooth_spec["args"]["instance_prompt"]
+    method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, None)
+    with pytest.raises(MethodError, match="dreambooth: args.instance_prompt is required"):
+        method.setup(ctx)
+
+
+def test_loss_is_instance_plus_weighted_prior():
+    # Two instance rows and one prior row, each 1x2 "latents".
+    pred = torch.zeros(3, 1, 1, 2)
+    target = torch.tensor([[1.0, 3.0], [2.0, 0.0], [2.0, 2.0]]).view(3, 1, 1, 2)
+    instance = (1 + 9 + 4 + 0) / 4  # 3.5
+    prior = (4 + 4) / 2  # 4.0
+    assert dreambooth_loss(pred, target, 2, 0.25).item() == pytest.approx(instance + 0.25 * prior)
+    assert dreambooth_loss(pred, target, 2, 0.0).item() == pytest.approx(instance)
+    assert dreambooth_loss(pred[:2], target[:2], 2, 0.25).item() == pytest.approx(instance)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_target_follows_prediction_type(prediction_type):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noisy, t, target = noise_and_target(scheduler, x0, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)  # replay the draws: noise first, then timesteps
+    noise = torch.randn(x0.shape, generator=g)
+    assert torch.equal(t, torch.randint(0, 1000, (2,), generator=g))
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    expected = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    torch.testing.assert_close(target, expected)
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_pipeline_dir, instance_dir, class_dir, dreambooth_spec,
+                                                    tmp_path):
+    dreambooth_spec["train"].update(steps=1, checkpoint_every=0)
+    weights = []
+    for checkpointing in (False, True):
+        method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir)
+        ctx.gradient_checkpointing = checkpointing
+        train(method, ctx, train_config(dreambooth_spec), tmp_path / f"work-{checkpointing}")
+        assert method.unet.is_gradient_checkpointing == checkpointing
+        weights.append(method.unet.state_dict())
+    for k, v in weights[0].items():
+        torch.testing.assert_close(weights[1][k], v)
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_only_trainable_modules_change(tiny_pipeline_dir, instance_dir, class_dir, dreambooth_spec,
+                                       tmp_path, train_text_encoder):
+    dreambooth_spec["args"]["train_text_encoder"] = train_text_encoder
+    dreambooth_spec["train"].update(steps=1, learning_rate=1e-3, checkpoint_every=0)
+    method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir)
+    method.setup(ctx)
+    unet, text, vae = snapshot(method.unet), snapshot(method.text_encoder), snapshot(method.vae)
+    method.setup = lambda ctx: None  # keep the models snapshotted above
+    summary = train(method, ctx, train_config(dreambooth_spec), tmp_path / "work")
+
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    expected = count(method.unet) + (count(method.text_encoder) if train_text_encoder else 0)
+    assert summary["trainable_params"] == expected
+    assert len(changed(unet, method.unet)) > 0.9 * len(unet)
+    assert changed(vae, method.vae) == []
+    text_changed = changed(text, method.text_encoder)
+    assert bool(text_changed) == train_text_encoder
+
+
+def test_prior_term_only_with_class_images_and_weight(tiny_pipeline_dir, instance_dir, class_dir, dreambooth_spec):
+    g = torch.Generator().manual_seed(0)
+    for class_folder, weight, rows in [(class_dir, 0.25, 2), (class_dir, 0.0, 1), (None, 0.25, 1)]:
+        dreambooth_spec["args"]["prior_loss_weight"] = weight
+        method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_folder)
+        method.setup(ctx)
+        batch = method.batch(0, g)
+        assert batch["noisy"].shape[0] == rows
+        assert batch["prompt_index"].tolist() == list(range(rows))
+
+
+def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, instance_dir, class_dir, dreambooth_spec):
+    method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    batch = method.batch(0, g)
+    opt = torch.optim.AdamW(method.param_groups(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        loss = method.loss(batch, g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_saved_pipeline_reloads_to_same_images(tiny_pipeline_dir, instance_dir, class_dir, dreambooth_spec, tmp_path):
+    dreambooth_spec["train"].update(steps=2, learning_rate=1e-3, checkpoint_every=0)
+    method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir)
+    train(method, ctx, train_config(dreambooth_spec), tmp_path / "work")
+    method.save(tmp_path / "artifact")
+    assert (tmp_path / "artifact" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+    def images(pipe):
+        out = pipe("a photo of sks cat", generator=torch.Generator().manual_seed(3), num_inference_steps=2,
+                   height=64, width=64, output_type="np")
+        return out.images
+
+    trained = images(method.pipeline())
+    reloaded = DreamBooth.load_pipeline(tmp_path / "artifact", tiny_pipeline_dir, dreambooth_spec, torch.device("cpu"))
+    base = DreamBooth.load_pipeline(tiny_pipeline_dir, tiny_pipeline_dir, dreambooth_spec, torch.device("cpu"))
+    assert (images(reloaded) == trained).all()
+    assert not (images(base) == trained).all()  # training changed what the pipeline draws
