@@ -1,0 +1,114 @@
+"""Textual Inversion: learn N embedding vectors for one placeholder; the whole model stays frozen.
+
+The placeholder ("<sks-cat>") becomes N tokens "<sks-cat>", "<sks-cat>_1", ... initialised from
+`initializer_token` (Gal et al. 2023; the multi-vector naming and the file format are those of
+diffusers' examples/textual_inversion). Only those rows train (methods/_tokens.py). The artifact is
+learned_embeds.safetensors, {placeholder: [N, D]}, which `pipe.load_textual_inversion` reads; the
+pipeline then expands the placeholder in every prompt into its N tokens.
+
+args: placeholder_token, initializer_token, num_vectors (N, default 1), instance_prompt
+(default "a photo of <placeholder>").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..train.method import (
+    Method,
+    MethodError,
+    TrainContext,
+    encode_latent_distribution,
+    load_base_pipeline,
+    load_image_folder,
+    noise_and_target,
+    sample_latents,
+    tokenize,
+)
+from ._tokens import TrainableTokens, expand, vector_names
+
+WEIGHT_NAME = "learned_embeds.safetensors"
+
+
+class TextualInversion(Method):
+    name = "textual_inversion"
+
+    def setup(self, ctx: TrainContext) -> None:
+        from diffusers import DDPMScheduler
+
+        self.token = self.arg("placeholder_token")
+        self.n = int(self.arg("num_vectors", 1))
+        if self.n < 1:
+            raise MethodError(f"{self.name}: args.num_vectors must be at least 1 (got {self.n})")
+        prompt = self.arg("instance_prompt", f"a photo of {self.token}")
+        if self.token not in prompt:
+            raise MethodError(f"{self.name}: args.instance_prompt {prompt!r} lacks the placeholder {self.token!r}")
+        if ctx.data_dir is None:
+            raise MethodError(f"{self.name}: needs a folder of instance images")
+        self.device, self.batch_size = ctx.device, ctx.batch_size
+
+        pipe = load_base_pipeline(ctx.base_model)
+        self.tokenizer, self.text_encoder, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.vae
+        self.unet, self.sample_scheduler = pipe.unet, pipe.scheduler
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.requires_grad_(False).eval()
+        initializer = self.arg("initializer_token")
+        self.tokens = TrainableTokens(self.tokenizer, self.text_encoder, vector_names(self.token, self.n),
+                                      [initializer] * self.n, self.name)
+
+        self.instance = encode_latent_distribution(self.vae, load_image_folder(ctx.data_dir, ctx.resolution),
+                                                   ctx.device)
+        self.vae.to("cpu")
+        self.prompt_ids = tokenize(self.tokenizer, [expand(prompt, self.token, self.n)]).to(ctx.device)
+        self.text_encoder.to(ctx.device)
+        self.tokens.to(ctx.device)
+        self.unet.to(ctx.device)
+        if ctx.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [self.tokens.vectors]}]
+
+    def batch(self, step: int, generator: torch.Generator) -> dict:
+        mean, std = self.instance
+        idx = torch.randint(0, mean.shape[0], (self.batch_size,), generator=generator).to(mean.device)
+        noisy, timesteps, target = noise_and_target(self.noise_scheduler, sample_latents(mean[idx], std[idx], generator),
+                                                    generator)
+        return dict(noisy=noisy, timesteps=timesteps, target=target)
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        cond = self.text_encoder(self.prompt_ids.expand(batch["noisy"].shape[0], -1))[0]
+        pred = self.unet(batch["noisy"], batch["timesteps"], cond).sample
+        return F.mse_loss(pred.float(), batch["target"].float())
+
+    def pipeline(self):
+        """The trained pipeline in memory: the base models with the trained rows written in."""
+        from diffusers import StableDiffusionPipeline
+
+        self.tokens.write_rows()
+        pipe = StableDiffusionPipeline(
+            vae=self.vae.to(self.device), text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.sample_scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save(self, artifact_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({self.token: self.tokens.vectors.detach().cpu().contiguous()}, str(Path(artifact_dir) / WEIGHT_NAME))
+
+    @classmethod
+    def load_pipeline(cls, artifact_dir: Path, base_model: Path, spec: dict,
+                      device: torch.device, dtype: torch.dtype = torch.float32):
+        pipe = load_base_pipeline(base_model, dtype=dtype)
+        pipe.load_textual_inversion(str(artifact_dir), weight_name=WEIGHT_NAME)
+        return pipe.to(device)
+
+
+METHOD = TextualInversion

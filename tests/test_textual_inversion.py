@@ -1,0 +1,106 @@
+"""Textual Inversion: only the new rows train, the saved embedding loads back, the loss falls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conceptbench.methods import get_method
+from conceptbench.methods.textual_inversion import TextualInversion
+from conceptbench.train import MethodError, TrainContext, train, train_config
+
+SPEC = {
+    "experiment": "textual_inversion", "variant": "vectors-2", "method": "textual_inversion", "seed": 0,
+    "resolution": 64,
+    "train": {"steps": 2, "learning_rate": 5e-2, "checkpoint_every": 0, "log_every": 1},
+    "args": {"placeholder_token": "<sks-cat>", "initializer_token": "cat", "instance_prompt": "a photo of <sks-cat>",
+             "num_vectors": 2},
+}
+
+
+EMB = "embeddings.token_embedding.weight"
+
+
+def make(base, data, **args):
+    spec = {**SPEC, "args": {**SPEC["args"], **args}}
+    ctx = TrainContext(spec=spec, base_model=base, data_dir=data, class_dir=None, device=torch.device("cpu"),
+                       mixed_precision="no")
+    return TextualInversion(spec["args"]), ctx, spec
+
+
+def prompt_embeds(pipe, prompt="<sks-cat> on a table"):
+    embeds, _ = pipe.encode_prompt(prompt, torch.device("cpu"), 1, False)
+    return embeds
+
+
+@pytest.mark.parametrize("num_vectors", [1, 4])
+def test_only_the_new_rows_change(tiny_pipeline_dir, instance_dir, tmp_path, num_vectors):
+    method, ctx, spec = make(tiny_pipeline_dir, instance_dir, num_vectors=num_vectors)
+    method.setup(ctx)
+    before = {k: v.clone() for k, v in method.text_encoder.state_dict().items()}
+    unet = {k: v.clone() for k, v in method.unet.state_dict().items()}
+    initial = method.tokens.vectors.detach().clone()
+    method.setup = lambda ctx: None
+    summary = train(method, ctx, train_config(spec), tmp_path / "work")
+    method.pipeline()  # writes the trained rows into the embedding matrix
+
+    dim = method.text_encoder.get_input_embeddings().weight.shape[1]
+    assert summary["trainable_params"] == num_vectors * dim
+    assert all(torch.equal(v, unet[k]) for k, v in method.unet.state_dict().items())
+    after = method.text_encoder.state_dict()
+    assert [k for k, v in after.items() if not torch.equal(v, before[k])] == [EMB]
+    rows = (after[EMB] != before[EMB]).any(1)
+    assert rows.nonzero().flatten().tolist() == method.tokens.ids  # weight decay moved no frozen row
+    assert not torch.equal(method.tokens.vectors.detach(), initial)
+    assert len(method.tokenizer) == 49408 + num_vectors
+
+
+def test_saved_embedding_loads_to_the_same_text_embeddings(tiny_pipeline_dir, instance_dir, tmp_path):
+    method, ctx, spec = make(tiny_pipeline_dir, instance_dir)
+    train(method, ctx, train_config(spec), tmp_path / "work")
+    method.save(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "learned_embeds.safetensors"))
+    assert list(saved) == ["<sks-cat>"] and saved["<sks-cat>"].shape[0] == 2
+
+    trained = prompt_embeds(method.pipeline())
+    loaded = TextualInversion.load_pipeline(tmp_path, tiny_pipeline_dir, spec, torch.device("cpu"))
+    assert loaded.maybe_convert_prompt("<sks-cat> here", loaded.tokenizer) == "<sks-cat> <sks-cat>_1 here"
+    torch.testing.assert_close(prompt_embeds(loaded), trained, rtol=0, atol=1e-6)
+    base = TextualInversion.load_pipeline(tmp_path, tiny_pipeline_dir, spec, torch.device("cpu"))
+    base.text_encoder.get_input_embeddings().weight.data[-2:] += 1.0
+    assert not torch.allclose(prompt_embeds(base), trained)  # the comparison sees the new rows
+
+
+def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, instance_dir):
+    # Only 8 x 32 numbers train and the tiny random U-Net listens little to its prompt, so the loss
+    # falls by about 1.5 per cent; with no gradient reaching the vectors it would not move at all.
+    method, ctx, _ = make(tiny_pipeline_dir, instance_dir, num_vectors=8)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    batch = method.batch(0, g)
+    opt = torch.optim.Adam(method.param_groups(), lr=0.1)
+    losses = []
+    for _ in range(30):
+        loss = method.loss(batch, g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.01, losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 25, losses
+
+
+def test_argument_errors(tiny_pipeline_dir, instance_dir):
+    assert get_method("textual_inversion") is TextualInversion
+    for args, message in [({"placeholder_token": "<SKS>", "instance_prompt": "a <SKS>"}, "lower-case"),
+                          ({"initializer_token": "a photo"}, None),
+                          ({"instance_prompt": "a photo"}, "lacks the placeholder"),
+                          ({"placeholder_token": "cat", "instance_prompt": "a cat"}, "already exist")]:
+        method, ctx, _ = make(tiny_pipeline_dir, instance_dir, **args)
+        if message is None:
+            method.setup(ctx)  # a multi-token initializer is averaged, not refused
+        else:
+            with pytest.raises(MethodError, match=message):
+                method.setup(ctx)
