@@ -1,0 +1,50 @@
+"""A prepared captioned dataset (PNG files + metadata.jsonl), read a random batch at a time.
+
+Images are loaded when drawn, not all up front, so a 100,000-image caption set costs no memory;
+the VAE then encodes each batch on the device (as LoRA and LCM training do).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import read_prepared
+from ..images import DataError, center_square, load_rgb
+
+
+class CaptionedImages:
+    def __init__(self, folder: Path, resolution: int):
+        self.pairs = read_prepared(folder)
+        if not self.pairs:
+            raise DataError(f"{folder}: no images in metadata.jsonl")
+        missing = [p.name for p, text in self.pairs if not (text or "").strip()]
+        if missing:
+            raise DataError(f"{folder}: {len(missing)} images have no caption (first: {missing[0]})")
+        self.resolution = int(resolution)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> torch.Tensor:
+        """Image `index` as [3, R, R] in [-1, 1]."""
+        img = load_rgb(self.pairs[index][0])
+        if img.size != (self.resolution, self.resolution):
+            img = center_square(img, self.resolution)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """n random (image, caption) pairs, with replacement: ([n, 3, R, R], captions)."""
+        idx = torch.randint(0, len(self.pairs), (n,), generator=generator).tolist()
+        return torch.stack([self.load(i) for i in idx]), [self.pairs[i][1] for i in idx]
+
+
+@torch.no_grad()
+def encode_batch(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents of a pixel batch, drawn from the VAE's distribution with the CPU generator."""
+    from ..train.method import encode_latent_distribution, sample_latents
+
+    mean, std = encode_latent_distribution(vae, pixels, next(vae.parameters()).device)
+    return sample_latents(mean, std, generator)

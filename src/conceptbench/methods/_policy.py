@@ -1,0 +1,116 @@
+"""The denoising loop as a policy (DDPO, Black et al. 2023): DDIM steps with log-probabilities,
+trajectories with classifier-free guidance, per-prompt advantages and the clipped PPO objective.
+
+Ideas follow kvablack/ddpo-pytorch (ddim_with_logprob.py, stat_tracking.py, train.py), written anew
+for diffusers' DDIMScheduler, whose step() returns no log-probability.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _per_sample(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    return x.reshape(-1, *[1] * (ndim - 1))
+
+
+def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 1.0,
+                           generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None):
+    """One DDIM step x_t -> x_{t-1} ~ N(μ, σ²) and the log-density of x_{t-1}, averaged over its elements.
+
+    Same μ and σ as DDIMScheduler.step (eta > 0); `timestep` may be one int or one per sample. The noise
+    comes from the CPU `generator` (the first randn of sample's shape), unless `prev_sample` is given,
+    whose log-probability is then evaluated (PPO's ratio under the current policy).
+    Returns (prev_sample, log_prob [N]).
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps() before ddim_step_with_logprob")
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 for a log-probability (got {eta}); DDPO uses eta = 1")
+    if scheduler.config.thresholding:
+        raise ValueError("ddim_step_with_logprob: dynamic thresholding is not supported")
+    x, out, ndim = sample.float(), model_output.float(), sample.ndim
+    t = torch.as_tensor(timestep, device=x.device).long().reshape(-1).expand(x.shape[0])
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    ac = scheduler.alphas_cumprod.to(x.device)
+    a_t = _per_sample(ac[t], ndim)
+    a_prev = _per_sample(torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod.to(x.device)), ndim)
+
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        x0, eps = (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
+    elif kind == "v_prediction":
+        x0, eps = a_t.sqrt() * x - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    elif kind == "sample":
+        x0, eps = out, (x - a_t.sqrt() * out) / (1 - a_t).sqrt()
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+    if scheduler.config.clip_sample:
+        r = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-r, r)
+
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    if prev_sample is None:
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        prev_sample = mean + std * noise
+    prev = prev_sample.detach().float()
+    log_prob = -((prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return prev_sample, log_prob.mean(dim=tuple(range(1, ndim)))
+
+
+def guided_noise(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                 guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guided model output: uncond + s·(cond − uncond), both in one U-Net call."""
+    t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+    out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond.expand_as(cond)])).sample
+    c, u = out.chunk(2)
+    return u + guidance_scale * (c - u)
+
+
+def sample_trajectories(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, latent_shape: tuple,
+                        guidance_scale: float, eta: float, generator: torch.Generator) -> dict:
+    """Run the DDIM chain from noise for each row of `cond`, keeping every latent and step log-prob.
+
+    The scheduler must have its timesteps set. Returns latents [N, T+1, ...] (x_T ... x_0),
+    log_probs [N, T] and timesteps [T].
+    """
+    n = cond.shape[0]
+    x = (torch.randn((n, *latent_shape), generator=generator) * scheduler.init_noise_sigma).to(cond.device)
+    latents, log_probs = [x], []
+    for t in scheduler.timesteps:
+        out = guided_noise(unet, scheduler.scale_model_input(x, t), t.to(cond.device), cond, uncond, guidance_scale)
+        x, lp = ddim_step_with_logprob(scheduler, out, t, x, eta, generator=generator)
+        x = x.to(cond.dtype)
+        latents.append(x)
+        log_probs.append(lp)
+    return dict(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1),
+                timesteps=scheduler.timesteps.clone())
+
+
+def per_prompt_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, min_count: int = 2,
+                          eps: float = 1e-6) -> torch.Tensor:
+    """(r − mean) / (std + eps) within each prompt's samples; prompts with fewer than `min_count`
+    samples use the batch's mean and std. std is the population std (ddof 0)."""
+    rewards = rewards.float()
+    adv = torch.empty_like(rewards)
+    glob = (rewards.mean(), rewards.std(unbiased=False)) if rewards.numel() > 1 else (rewards.mean(), torch.tensor(0.0))
+    for p in prompt_ids.unique():
+        mask = prompt_ids == p
+        r = rewards[mask]
+        mean, std = (r.mean(), r.std(unbiased=False)) if r.numel() >= min_count else glob
+        adv[mask] = (r - mean) / (std + eps)
+    return adv
+
+
+def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+             adv_clip_max: float = 5.0) -> torch.Tensor:
+    """PPO's clipped surrogate, to minimise: mean(max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))), ρ = exp(log π − log π_old)."""
+    adv = advantages.clamp(-adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean()

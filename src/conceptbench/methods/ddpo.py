@@ -1,0 +1,178 @@
+"""DDPO: fine-tune the U-Net (or a LoRA on it) with PPO on a reward (Black et al. 2023).
+
+Denoising is an MDP: a state is (prompt, t, x_t), an action the DDIM (eta = 1) step to x_{t-1}, whose
+Gaussian log-probability ddim_step_with_logprob gives. Every `inner_epochs` training steps the current
+policy samples a batch of trajectories with classifier-free guidance; their final images are scored by
+the reward (the LAION aesthetic predictor by default), normalised per prompt into advantages, and each
+training step minimises the clipped PPO surrogate over the batch's (sample, timestep) pairs. With
+gradient_accumulation_steps = m the pairs are split into m micro-batches (ddpo-pytorch accumulates
+over timesteps the same way). The method makes its own data: no dataset.
+
+args: prompts (a list, or "animals"), reward (aesthetic | brightness), sample_steps, eta, guidance_scale,
+samples_per_prompt, prompts_per_epoch, inner_epochs, clip_range, adv_clip_max, timestep_fraction,
+use_lora, lora_rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import runtime
+from ..train.method import Method, MethodError, TrainContext, encode_prompts, load_base_pipeline
+from ._lora import add_lora, fuse_loras, save_lora
+from ._policy import guided_noise, per_prompt_advantages, ppo_loss, sample_trajectories, ddim_step_with_logprob
+from ._rewards import make_reward
+
+log = logging.getLogger(__name__)
+
+# Simple animal prompts, as in ddpo-pytorch's "simple_animals" prompt function.
+PROMPT_SETS = {"animals": ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer",
+                           "cow", "goat", "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle",
+                           "ant", "butterfly", "fish", "shark", "whale", "dolphin", "squirrel", "mouse", "rat",
+                           "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "llama"]}
+
+
+def prompt_list(value) -> list[str]:
+    """args.prompts: a list of prompts or the name of a built-in set."""
+    if isinstance(value, str):
+        if value not in PROMPT_SETS:
+            raise MethodError(f"ddpo: args.prompts {value!r} is neither a list nor a known set ({sorted(PROMPT_SETS)})")
+        return list(PROMPT_SETS[value])
+    if not value or not all(isinstance(p, str) for p in value):
+        raise MethodError("ddpo: args.prompts must be a non-empty list of strings or a set name")
+    return list(value)
+
+
+class DDPO(Method):
+    name = "ddpo"
+
+    def setup(self, ctx: TrainContext) -> None:
+        from diffusers import DDIMScheduler
+
+        self.prompts = prompt_list(self.arg("prompts", "animals"))
+        self.eta = float(self.arg("eta", 1.0))
+        self.guidance = float(self.arg("guidance_scale", 5.0))
+        self.per_prompt = int(self.arg("samples_per_prompt", 4))
+        self.n_prompts = min(int(self.arg("prompts_per_epoch", len(self.prompts))), len(self.prompts))
+        self.inner_epochs = int(self.arg("inner_epochs", 1))
+        self.clip_range, self.adv_clip_max = float(self.arg("clip_range", 1e-4)), float(self.arg("adv_clip_max", 5.0))
+        self.timestep_fraction = float(self.arg("timestep_fraction", 1.0))
+        self.use_lora = bool(self.arg("use_lora", False))
+        self.accum = int(ctx.spec.get("train", {}).get("gradient_accumulation_steps", 1))
+        self.device, self.seed = ctx.device, ctx.seed
+        if self.inner_epochs < 1 or self.per_prompt < 1:
+            raise MethodError("ddpo: args.inner_epochs and args.samples_per_prompt must be at least 1")
+        self.reward_name = self.arg("reward", "aesthetic")
+        self.reward = make_reward(self.reward_name, ctx.inputs, ctx.device)
+
+        frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
+        pipe = load_base_pipeline(ctx.base_model, dtype=frozen if self.use_lora else torch.float32)
+        self.tokenizer, self.text_encoder, self.vae, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+        self.sample_scheduler = pipe.scheduler
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler.set_timesteps(int(self.arg("sample_steps", 50)), device=ctx.device)
+        for m in (self.vae, self.text_encoder):
+            m.requires_grad_(False).eval().to(ctx.device)
+        if self.use_lora:
+            self.params = add_lora(self.unet, int(self.arg("lora_rank", 4)))
+        else:
+            self.params = list(self.unet.requires_grad_(True).parameters())
+        self.unet.to(ctx.device).train()
+        if ctx.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        with torch.no_grad():
+            self.cond = encode_prompts(self.tokenizer, self.text_encoder, self.prompts)
+            self.uncond = encode_prompts(self.tokenizer, self.text_encoder, [""])
+        size = ctx.resolution // self.vae_scale
+        self.latent_shape = (self.unet.config.in_channels, size, size)
+        self.buffer, self.buffer_epoch, self.rewards = None, -1, []
+        self._step, self._micro, self._chunks = -1, 0, None
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.params}]
+
+    @torch.no_grad()
+    def collect(self, epoch: int, generator: torch.Generator) -> dict:
+        """Sample this epoch's trajectories with the current policy, score them, compute advantages."""
+        order = torch.randperm(len(self.prompts), generator=generator)[: self.n_prompts]
+        ids = order.repeat_interleave(self.per_prompt)
+        traj = sample_trajectories(self.unet, self.scheduler, self.cond[ids.to(self.device)], self.uncond,
+                                   self.latent_shape, self.guidance, self.eta, generator)
+        x0 = traj["latents"][:, -1]
+        images = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        rewards = self.reward(images, [self.prompts[i] for i in ids]).float().cpu()
+        self.rewards.append([epoch, rewards.mean().item(), rewards.std(unbiased=False).item()])
+        log.info("ddpo epoch %d: mean reward %.5g over %d samples", epoch, rewards.mean().item(), len(rewards))
+        return dict(latents=traj["latents"], log_probs=traj["log_probs"], timesteps=traj["timesteps"],
+                    advantages=per_prompt_advantages(rewards, ids).to(self.device), prompt_ids=ids.to(self.device))
+
+    def batch(self, step: int, generator: torch.Generator) -> dict:
+        """This micro-batch's (sample, timestep) pairs; new trajectories at the start of each epoch."""
+        if step != self._step:  # the loop calls batch() gradient_accumulation_steps times per step
+            self._step, self._micro = step, 0
+            epoch = step // self.inner_epochs
+            if self.buffer_epoch != epoch:
+                self.buffer, self.buffer_epoch = self.collect(epoch, generator), epoch
+            n, steps = self.buffer["log_probs"].shape
+            keep = max(1, int(round(steps * self.timestep_fraction)))
+            slots = torch.argsort(torch.rand(n, steps, generator=generator), dim=1)[:, :keep]  # timesteps per sample
+            pairs = torch.stack([torch.arange(n).repeat_interleave(keep), slots.reshape(-1)], dim=1)
+            pairs = pairs[torch.randperm(len(pairs), generator=generator)]
+            self._chunks = torch.tensor_split(pairs, min(self.accum, len(pairs)))
+        else:
+            self._micro += 1
+        return {"pairs": self._chunks[self._micro % len(self._chunks)].to(self.device)}
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        buf, (i, j) = self.buffer, batch["pairs"].unbind(1)
+        x, x_next = buf["latents"][i, j], buf["latents"][i, j + 1]
+        t = buf["timesteps"][j]
+        out = guided_noise(self.unet, x, t, self.cond[buf["prompt_ids"][i]], self.uncond, self.guidance)
+        _, log_prob = ddim_step_with_logprob(self.scheduler, out, t, x, self.eta, prev_sample=x_next)
+        return ppo_loss(log_prob, buf["log_probs"][i, j], buf["advantages"][i], self.clip_range, self.adv_clip_max)
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer or {}, "buffer_epoch": self.buffer_epoch, "rewards": self.rewards}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer = {k: v.to(self.device) for k, v in state["buffer"].items()} or None
+        self.buffer_epoch, self.rewards = int(state["buffer_epoch"]), [list(r) for r in state["rewards"]]
+
+    def save(self, artifact_dir: Path) -> None:
+        if self.use_lora:
+            save_lora(self.unet, artifact_dir)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                scheduler=self.sample_scheduler, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            ).save_pretrained(str(artifact_dir), safe_serialization=True)
+        rows = [dict(epoch=e, mean=m, std=s) for e, m, s in self.rewards]
+        (Path(artifact_dir) / "rewards.json").write_text(json.dumps({"reward": self.reward_name, "epochs": rows}, indent=1))
+
+    @classmethod
+    def load_pipeline(cls, artifact_dir: Path, base_model: Path, spec: dict,
+                      device: torch.device, dtype: torch.dtype = torch.float32):
+        from diffusers import StableDiffusionPipeline
+
+        if spec.get("args", {}).get("use_lora", False):
+            pipe = fuse_loras(load_base_pipeline(base_model, dtype=dtype), [(Path(artifact_dir), 1.0)])
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(str(artifact_dir), safety_checker=None,
+                                                           requires_safety_checker=False, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+
+METHOD = DDPO

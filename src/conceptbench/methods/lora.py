@@ -1,0 +1,105 @@
+"""LoRA: low-rank adapters on the U-Net's attention projections, trained on a captioned style set.
+
+peft LoRA of rank r on to_q, to_k, to_v and to_out.0 (Hu et al. 2021; set-up as in diffusers'
+examples/text_to_image/train_text_to_image_lora.py). The frozen U-Net, VAE and text encoder may be held
+in fp16/bf16 while the adapter stays fp32. Optional Min-SNR-γ weighting (Hang et al. 2023). The
+artifact is a diffusers LoRA file (save_lora_weights); sampling loads it on the base model with
+load_lora_weights and fuses it, so inference costs what the base model costs.
+
+args: rank (r), lora_alpha (default r), target_modules, snr_gamma (null: plain MSE),
+lora_scale (the adapter's weight when fused for sampling, default 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import runtime
+from ..train.method import Method, MethodError, TrainContext, encode_prompts, load_base_pipeline, noise_and_target
+from ._captioned import CaptionedImages, encode_batch
+from ._lora import DEFAULT_TARGETS, add_lora, fuse_loras, save_lora
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v-prediction."""
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    raise ValueError(f"Min-SNR weighting: unsupported prediction_type {prediction_type!r}")
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) of each timestep."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1 - a)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with `weights`, each sample's MSE is weighted before the batch mean."""
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample * weights).mean()
+
+
+class LoRA(Method):
+    name = "lora"
+
+    def setup(self, ctx: TrainContext) -> None:
+        from diffusers import DDPMScheduler
+
+        self.rank = int(self.arg("rank"))
+        self.snr_gamma = self.arg("snr_gamma", None)
+        self.device, self.batch_size = ctx.device, ctx.batch_size
+        if ctx.data_dir is None:
+            raise MethodError("lora: needs a captioned dataset (experiment data)")
+        self.data = CaptionedImages(ctx.data_dir, ctx.resolution)
+
+        frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
+        pipe = load_base_pipeline(ctx.base_model, dtype=frozen)
+        self.tokenizer, self.text_encoder, self.vae, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.vae.requires_grad_(False).eval().to(ctx.device)
+        self.text_encoder.requires_grad_(False).eval().to(ctx.device)
+        self.params = add_lora(self.unet, self.rank, self.arg("lora_alpha", None),
+                               self.arg("target_modules", list(DEFAULT_TARGETS)))
+        self.unet.to(ctx.device).train()
+        if ctx.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.params}]
+
+    def batch(self, step: int, generator: torch.Generator) -> dict:
+        """batch_size random captioned images, encoded and noised at random timesteps."""
+        pixels, captions = self.data.draw(self.batch_size, generator)
+        latents = encode_batch(self.vae, pixels, generator)
+        noisy, timesteps, target = noise_and_target(self.noise_scheduler, latents, generator)
+        cond = encode_prompts(self.tokenizer, self.text_encoder, captions)
+        return dict(noisy=noisy, timesteps=timesteps, target=target, cond=cond)
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        pred = self.unet(batch["noisy"], batch["timesteps"], batch["cond"]).sample
+        weights = None
+        if self.snr_gamma is not None:
+            weights = min_snr_weights(snr(self.noise_scheduler.alphas_cumprod, batch["timesteps"]),
+                                      float(self.snr_gamma), self.noise_scheduler.config.prediction_type)
+        return weighted_mse(pred, batch["target"], weights)
+
+    def save(self, artifact_dir: Path) -> None:
+        save_lora(self.unet, artifact_dir)
+
+    @classmethod
+    def load_pipeline(cls, artifact_dir: Path, base_model: Path, spec: dict,
+                      device: torch.device, dtype: torch.dtype = torch.float32):
+        pipe = load_base_pipeline(base_model, dtype=dtype)
+        fuse_loras(pipe, [(Path(artifact_dir), float(spec.get("args", {}).get("lora_scale", 1.0)))])
+        return pipe.to(device)
+
+
+METHOD = LoRA

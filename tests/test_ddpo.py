@@ -1,0 +1,105 @@
+"""DDPO: the DDIM log-probability, per-prompt advantages, the clipped PPO loss, and a short LoRA run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conceptbench.methods._policy import ddim_step_with_logprob, per_prompt_advantages, ppo_loss
+from conceptbench.methods.ddpo import DDPO, prompt_list
+from conceptbench.models.tiny import SD15_SCHEDULE
+from conceptbench.train import MethodError, TrainContext, train, train_config
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_ddim_step_with_logprob_agrees_with_the_scheduler(kind):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(**{**SD15_SCHEDULE, "prediction_type": kind})
+    scheduler.set_timesteps(4)  # 751, 501, 251, 1
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    for t in scheduler.timesteps.tolist():
+        prev, log_prob = ddim_step_with_logprob(scheduler, out, t, x, eta=1.0, generator=torch.Generator().manual_seed(5))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        expected = scheduler.step(out, t, x, eta=1.0, variance_noise=noise).prev_sample
+        torch.testing.assert_close(prev, expected, atol=1e-5, rtol=1e-5)
+        # The Gaussian density by hand: mean = the step without noise, std = eta * sqrt(variance).
+        mean = scheduler.step(out, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+        std = scheduler._get_variance(t, t - 250).sqrt()
+        by_hand = (-((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(log_prob, by_hand, atol=1e-4, rtol=1e-5)
+    # Per-sample timesteps give each row its own step; a given prev_sample is scored, not redrawn.
+    t = torch.tensor([751, 251, 1])
+    _, lp_rows = ddim_step_with_logprob(scheduler, out, t, x, prev_sample=prev)
+    for i, ti in enumerate(t.tolist()):
+        _, lp = ddim_step_with_logprob(scheduler, out[i : i + 1], ti, x[i : i + 1], prev_sample=prev[i : i + 1])
+        torch.testing.assert_close(lp_rows[i : i + 1], lp)
+
+
+def test_ppo_loss_is_clipped_at_the_clip_range():
+    adv = torch.tensor([1.0])
+    old = torch.zeros(1)
+
+    def loss(ratio, a=adv):
+        return ppo_loss(torch.log(torch.tensor([ratio])), old, a, clip_range=0.2).item()
+
+    assert loss(1.0) == pytest.approx(-1.0)
+    assert loss(1.1) == pytest.approx(-1.1)  # inside the range: -A·ρ
+    assert loss(1.5) == pytest.approx(-1.2)  # A > 0, ρ above 1 + ε: no more gain than ρ = 1.2
+    assert loss(0.5) == pytest.approx(-0.5)  # A > 0, ρ below 1 - ε: the unclipped (worse) term counts
+    assert loss(0.5, torch.tensor([-1.0])) == pytest.approx(0.8)  # A < 0, ρ below 1 - ε: clipped at 0.8
+    assert loss(1.5, torch.tensor([-1.0])) == pytest.approx(1.5)
+    assert ppo_loss(old, old, torch.tensor([100.0]), 0.2, adv_clip_max=5.0).item() == pytest.approx(-5.0)
+    lp = torch.log(torch.tensor([1.5])).requires_grad_(True)
+    ppo_loss(lp, old, adv, 0.2).backward()
+    assert lp.grad.item() == 0.0  # clipped: no gradient pushes ρ further
+
+
+def test_per_prompt_advantages_on_hand_cases():
+    rewards = torch.tensor([1.0, 3.0, 10.0, 10.0, 20.0, 7.0])
+    ids = torch.tensor([0, 0, 1, 1, 1, 2])
+    adv = per_prompt_advantages(rewards, ids, eps=0.0)
+    assert adv[:2].tolist() == [-1.0, 1.0]  # mean 2, std 1
+    s = math.sqrt(200 / 9)  # prompt 1: mean 40/3
+    assert adv[2:5].tolist() == pytest.approx([(10 - 40 / 3) / s, (10 - 40 / 3) / s, (20 - 40 / 3) / s])
+    glob = rewards.mean().item(), rewards.std(unbiased=False).item()  # one sample: the batch's statistics
+    assert adv[5].item() == pytest.approx((7 - glob[0]) / glob[1])
+
+
+def test_prompt_lists():
+    assert prompt_list(["a", "b"]) == ["a", "b"] and "cat" in prompt_list("animals")
+    with pytest.raises(MethodError, match="neither a list nor a known set"):
+        prompt_list("nope")
+
+
+def test_ddpo_lora_trains_only_the_adapter_and_round_trips(tiny_pipeline_dir, tmp_path):
+    spec = {"experiment": "ddpo", "variant": "lora-true", "method": "ddpo", "seed": 0, "resolution": 64,
+            "train": {"steps": 2, "learning_rate": 1e-2, "gradient_accumulation_steps": 2, "checkpoint_every": 0},
+            "args": {"reward": "brightness", "prompts": ["a cat", "a dog"], "samples_per_prompt": 2, "sample_steps": 2,
+                     "inner_epochs": 2, "clip_range": 0.2, "use_lora": True, "lora_rank": 4}}
+    method = DDPO(spec["args"])
+    ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=None, class_dir=None,
+                       device=torch.device("cpu"), mixed_precision="no")
+    summary = train(method, ctx, train_config(spec), tmp_path / "work")
+    assert len(method.rewards) == 1  # two inner epochs share one batch of trajectories
+    assert method.buffer["latents"].shape == (4, 3, 4, 32, 32) and method.buffer["log_probs"].shape == (4, 2)
+    assert summary["trainable_params"] == sum(p.numel() for n, p in method.unet.named_parameters() if "lora" in n)
+    method.save(tmp_path / "artifact")
+    assert (tmp_path / "artifact" / "rewards.json").exists()
+    pipe = DDPO.load_pipeline(tmp_path / "artifact", tiny_pipeline_dir, spec, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, c).sample, method.unet(x, t, c).sample, atol=1e-5, rtol=1e-4)
+
+
+def test_aesthetic_reward_needs_its_models(tiny_pipeline_dir):
+    from conceptbench.methods._rewards import make_reward
+
+    with pytest.raises(MethodError, match="needs the model folders"):
+        make_reward("aesthetic", {}, torch.device("cpu"))
+    with pytest.raises(MethodError, match="unknown args.reward"):
+        make_reward("nope", {}, torch.device("cpu"))

@@ -1,0 +1,111 @@
+"""LCM distillation: the small pieces on hand cases and against diffusers, the student, and 4-step sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conceptbench.methods.lcm import (
+    LCM,
+    boundary_scalings,
+    ddim_grid,
+    ddim_solver_step,
+    guidance_scale_embedding,
+    predicted_x0_eps,
+    pseudo_huber_loss,
+)
+from conceptbench.models.tiny import SD15_SCHEDULE
+from conceptbench.train import TrainContext, train, train_config
+
+from test_lora import caption_dir  # noqa: F401  (the captioned-images fixture)
+
+
+def test_pseudo_huber_loss_on_hand_cases():
+    zero = torch.zeros(2)
+    assert pseudo_huber_loss(zero, zero, 0.001).item() == 0.0
+    # sqrt(3² + 4²) - 4 = 1 and sqrt(0 + 16) - 4 = 0: mean 0.5
+    assert pseudo_huber_loss(torch.tensor([3.0, 0.0]), zero, 4.0).item() == pytest.approx(0.5)
+    # small c: ≈ |error| (linear); large c: ≈ error² / (2c) (quadratic)
+    assert pseudo_huber_loss(torch.tensor([2.0]), torch.tensor([0.0]), 1e-6).item() == pytest.approx(2.0, rel=1e-5)
+    assert pseudo_huber_loss(torch.tensor([1.0]), torch.tensor([0.0]), 10.0).item() == pytest.approx(101**0.5 - 10, rel=1e-5)
+
+
+def test_guidance_embedding_matches_the_pipelines():
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.tensor([4.0, 7.5, 14.0])
+    for dim in (256, 33):
+        expected = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        torch.testing.assert_close(guidance_scale_embedding(w, dim), expected)
+
+
+def test_boundary_scalings_match_lcm_scheduler_and_the_boundary():
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler(**{k: v for k, v in SD15_SCHEDULE.items() if k != "clip_sample"})
+    t = torch.tensor([0, 1, 19, 499, 999])
+    c_skip, c_out = boundary_scalings(t)
+    for i, step in enumerate(t.tolist()):
+        skip, out = scheduler.get_scalings_for_boundary_condition_discrete(step)
+        assert c_skip[i].item() == pytest.approx(float(skip)) and c_out[i].item() == pytest.approx(float(out))
+    assert (c_skip[0].item(), c_out[0].item()) == (1.0, 0.0)  # f(x, 0) = x
+    assert c_skip[1].item() == pytest.approx(0.25 / 100.25)
+
+
+def test_ddim_solver_step_equals_the_scheduler_step():
+    from diffusers import DDIMScheduler
+
+    assert ddim_grid(1000, 50).tolist() == list(range(19, 1000, 20))
+    scheduler = DDIMScheduler(**SD15_SCHEDULE)
+    scheduler.set_timesteps(50)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = 501  # on the scheduler's grid; its previous timestep is 481
+    x0, eps_hat = predicted_x0_eps(eps, torch.tensor([t, t]), x, scheduler.alphas_cumprod, "epsilon")
+    ours = ddim_solver_step(x0, eps_hat, scheduler.alphas_cumprod[torch.tensor([481, 481])])
+    torch.testing.assert_close(ours, scheduler.step(eps, t, x, eta=0.0).prev_sample, atol=1e-5, rtol=1e-5)
+
+
+def make(spec, base, data):
+    ctx = TrainContext(spec=spec, base_model=base, data_dir=data, class_dir=None, device=torch.device("cpu"),
+                       mixed_precision="no")
+    return LCM(spec["args"]), ctx
+
+
+SPEC = {"experiment": "lcm", "variant": "loss-huber", "method": "lcm", "seed": 0, "resolution": 64,
+        "train": {"steps": 2, "learning_rate": 1e-3, "batch_size": 2},
+        "args": {"loss_type": "huber", "huber_c": 0.001, "num_ddim_timesteps": 50, "w_min": 5.0, "w_max": 15.0,
+                 "ema_decay": 0.9, "time_cond_proj_dim": 16}}
+
+
+def test_student_starts_as_teacher_and_ema_follows(tiny_pipeline_dir, caption_dir, tmp_path):  # noqa: F811
+    method, ctx = make(SPEC, tiny_pipeline_dir, caption_dir)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(1)
+    x, t, cond = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([99, 599]), torch.randn(2, 77, 32, generator=g)
+    w = guidance_scale_embedding(torch.tensor([5.0, 12.0]), 16)
+    with torch.no_grad():
+        torch.testing.assert_close(method.student(x, t, cond, timestep_cond=w).sample, method.teacher(x, t, cond).sample)
+    before = {k: v.clone() for k, v in method.target.state_dict().items()}
+    train(method, ctx, train_config(SPEC), tmp_path / "work")  # setup again, then 2 steps
+    student, target = method.student.state_dict(), method.target.state_dict()
+    key = "time_embedding.cond_proj.weight"
+    assert student[key].abs().sum() > 0  # the guidance embedding learns
+    assert not torch.equal(target[key], before[key]) and not torch.allclose(target[key], student[key])
+
+
+def test_lcm_sampling_makes_exactly_four_unet_calls(tiny_pipeline_dir, caption_dir, tmp_path):  # noqa: F811
+    from diffusers import LCMScheduler
+
+    spec = {**SPEC, "train": {**SPEC["train"], "steps": 1}}
+    method, ctx = make(spec, tiny_pipeline_dir, caption_dir)
+    train(method, ctx, train_config(spec), tmp_path / "work")
+    method.save(tmp_path / "artifact")
+    pipe = LCM.load_pipeline(tmp_path / "artifact", tiny_pipeline_dir, spec, torch.device("cpu"))
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 16
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    image = pipe("a cat", num_inference_steps=4, guidance_scale=8.0, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert calls == [1, 1, 1, 1]  # 4 steps, no classifier-free guidance batch: w goes in through the embedding
+    assert image.shape == (1, 64, 64, 3)

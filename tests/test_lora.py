@@ -1,0 +1,121 @@
+"""LoRA: zero-init adapters change nothing, fused equals unfused, save/load round trip, composition, Min-SNR."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conceptbench.methods.lora import LoRA, min_snr_weights
+from conceptbench.methods._lora import add_lora, fuse_loras, save_lora
+from conceptbench.train import TrainContext, train, train_config
+from conceptbench.train.method import load_base_pipeline
+
+
+@pytest.fixture(scope="module")
+def caption_dir(tmp_path_factory):
+    """Four 64x64 captioned images, in the layout prepare_dataset writes."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("captions")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+        rows.append(json.dumps({"file_name": f"{i:06d}.png", "text": f"a drawing number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def unet_inputs():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 4, 32, 32, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+
+
+def output(unet):
+    with torch.no_grad():
+        return unet(*unet_inputs()).sample
+
+
+def randomised_lora(base, rank=4, seed=1):
+    """A base pipeline whose U-Net carries a LoRA with non-zero B (as after training)."""
+    pipe = load_base_pipeline(base)
+    add_lora(pipe.unet, rank)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return pipe
+
+
+def test_zero_initialised_lora_leaves_outputs_unchanged(tiny_pipeline_dir):
+    unet = load_base_pipeline(tiny_pipeline_dir).unet
+    before = output(unet)
+    params = add_lora(unet, rank=8)
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    assert sum(p.requires_grad for p in unet.parameters()) == len(params)  # the base is frozen
+    assert torch.equal(output(unet), before)
+
+
+def test_merged_lora_equals_unmerged_and_save_load_round_trips(tiny_pipeline_dir, tmp_path):
+    pipe = randomised_lora(tiny_pipeline_dir)
+    unmerged = output(pipe.unet)
+    assert not torch.allclose(unmerged, output(load_base_pipeline(tiny_pipeline_dir).unet), atol=1e-4)
+    save_lora(pipe.unet, tmp_path / "a")
+    fused = fuse_loras(load_base_pipeline(tiny_pipeline_dir), [(tmp_path / "a", 1.0)])
+    assert not any("lora" in n for n, _ in fused.unet.named_parameters())  # plain weights: no overhead
+    torch.testing.assert_close(output(fused.unet), unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_loras_compose_with_their_weights(tiny_pipeline_dir, tmp_path):
+    save_lora(randomised_lora(tiny_pipeline_dir, seed=1).unet, tmp_path / "a")
+    save_lora(randomised_lora(tiny_pipeline_dir, rank=8, seed=2).unet, tmp_path / "b")
+    base = load_base_pipeline(tiny_pipeline_dir).unet
+    only_a = output(fuse_loras(load_base_pipeline(tiny_pipeline_dir), [(tmp_path / "a", 0.5)]).unet)
+    split = output(fuse_loras(load_base_pipeline(tiny_pipeline_dir), [(tmp_path / "a", 0.3), (tmp_path / "a", 0.2)]).unet)
+    torch.testing.assert_close(split, only_a, atol=1e-5, rtol=1e-4)
+    # Weight 0 on b leaves a alone; both at weight 1 differ from either.
+    zero_b = output(fuse_loras(load_base_pipeline(tiny_pipeline_dir), [(tmp_path / "a", 0.5), (tmp_path / "b", 0.0)]).unet)
+    torch.testing.assert_close(zero_b, only_a, atol=1e-5, rtol=1e-4)
+    both = output(fuse_loras(load_base_pipeline(tiny_pipeline_dir), [(tmp_path / "a", 1.0), (tmp_path / "b", 1.0)]).unet)
+    assert not torch.allclose(both, only_a, atol=1e-4) and not torch.allclose(both, output(base), atol=1e-4)
+
+
+def test_min_snr_weights_on_hand_cases():
+    snr = torch.tensor([0.5, 5.0, 20.0])
+    torch.testing.assert_close(min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.25]))
+    torch.testing.assert_close(min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
+
+
+def test_trained_lora_saves_loads_and_only_the_adapter_trains(tiny_pipeline_dir, caption_dir, tmp_path):
+    spec = {"experiment": "lora", "variant": "rank-4", "method": "lora", "seed": 0, "resolution": 64,
+            "train": {"steps": 2, "learning_rate": 1e-2, "batch_size": 2},
+            "args": {"rank": 4, "snr_gamma": 5.0, "lora_scale": 1.0}}
+    method = LoRA(spec["args"])
+    ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=caption_dir, class_dir=None,
+                       device=torch.device("cpu"), mixed_precision="no")
+    train(method, ctx, train_config(spec), tmp_path / "work")
+    base = load_base_pipeline(tiny_pipeline_dir).unet.state_dict()
+    for name, value in method.unet.state_dict().items():
+        if "lora" not in name:
+            assert torch.equal(value, base[name.replace(".base_layer", "")]), name
+    trained = output(method.unet)
+    assert not torch.allclose(trained, output(load_base_pipeline(tiny_pipeline_dir).unet), atol=1e-4)
+    method.save(tmp_path / "artifact")
+    pipe = LoRA.load_pipeline(tmp_path / "artifact", tiny_pipeline_dir, spec, torch.device("cpu"))
+    torch.testing.assert_close(output(pipe.unet), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_stays_fp32_over_a_bf16_base(tiny_pipeline_dir, caption_dir, tmp_path):
+    spec = {"seed": 0, "resolution": 64, "train": {"steps": 1, "learning_rate": 1e-3, "mixed_precision": "bf16"},
+            "args": {"rank": 4}}
+    method = LoRA(spec["args"])
+    ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=caption_dir, class_dir=None,
+                       device=torch.device("cpu"), mixed_precision="bf16")
+    summary = train(method, ctx, train_config(spec), tmp_path / "work")
+    assert summary["final_loss"] is not None
+    assert {p.dtype for p in method.params} == {torch.float32}
+    assert method.unet.conv_in.weight.dtype == torch.bfloat16
