@@ -1,4 +1,23 @@
-# Aggregation, plots and report items. These jobs import no torch: they start in a second.
+# Real-image upper bounds, the summary tables, plots, galleries and their report items.
+# These jobs import no torch: they start in a second. Report categories are methods; labels variants.
+
+
+rule score_references:
+    input:
+        f"{RESULTS}/references/{{dataset}}.safetensors",
+    output:
+        f"{RESULTS}/references/{{dataset}}.scores.csv",
+    log:
+        f"{RESULTS}/logs/score_references/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/score_references/{{dataset}}.tsv"
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/score_references.py"
 
 
 rule aggregate:
@@ -6,16 +25,27 @@ rule aggregate:
         metrics=variant_files(f"{RESULTS}/metrics/{{experiment}}/{{variant}}.csv"),
         train=variant_files(f"{RESULTS}/train/{{experiment}}/{{variant}}/train.json"),
         samples=variant_files(f"{RESULTS}/samples/{{experiment}}/{{variant}}"),
+        references=reference_score_files,
+        study=STUDY_RESULTS,
     output:
         csv=report(
             f"{RESULTS}/tables/summary.csv",
             caption="../report/summary.rst",
             category="Summary",
-            labels={"table": "summary (CSV)"},
+            labels={"item": "summary (CSV)"},
+        ),
+        html=report(
+            f"{RESULTS}/tables/summary.html",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"item": "summary, study vs measured"},
         ),
         md=f"{RESULTS}/tables/summary.md",
+        comparison=f"{RESULTS}/tables/study_comparison.csv",
     params:
         experiments=experiment_table,
+        subjects=reference_subjects,
+        notes=metric_notes,
     log:
         f"{RESULTS}/logs/aggregate/aggregate.log",
     benchmark:
@@ -32,17 +62,18 @@ rule aggregate:
 rule plot_sweep:
     input:
         summary=f"{RESULTS}/tables/summary.csv",
-        metrics=experiment_metric_files,
+        study=STUDY_RESULTS,
     output:
         report(
             f"{RESULTS}/plots/{{experiment}}.png",
             caption="../report/sweep.rst",
-            category="{experiment}",
+            category=method_of,
             subcategory="Sweep",
-            labels={"figure": "metrics vs swept value"},
+            labels={"experiment": "{experiment}", "figure": "metrics vs swept value"},
         ),
     params:
         experiment=experiment_info,
+        notes=metric_notes,
     log:
         f"{RESULTS}/logs/plot_sweep/{{experiment}}.log",
     benchmark:
@@ -54,3 +85,61 @@ rule plot_sweep:
         "../../envs/report.yaml"
     script:
         "../scripts/plot_sweep.py"
+
+
+rule plot_efficiency:
+    input:
+        summary=f"{RESULTS}/tables/summary.csv",
+    output:
+        size=report(
+            f"{RESULTS}/plots/efficiency_size.png",
+            caption="../report/efficiency.rst",
+            category="Summary",
+            labels={"item": "fidelity vs artifact size"},
+        ),
+        latency=report(
+            f"{RESULTS}/plots/efficiency_latency.png",
+            caption="../report/efficiency.rst",
+            category="Summary",
+            labels={"item": "fidelity vs latency"},
+        ),
+    params:
+        notes=metric_notes,
+    log:
+        f"{RESULTS}/logs/plot_efficiency/plot_efficiency.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/plot_efficiency/plot_efficiency.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/plot_efficiency.py"
+
+
+rule plot_gallery:
+    input:
+        samples=f"{RESULTS}/samples/{{experiment}}/{{variant}}",
+        metrics=f"{RESULTS}/metrics/{{experiment}}/{{variant}}.csv",
+    output:
+        report(
+            f"{RESULTS}/plots/gallery/{{experiment}}/{{variant}}.png",
+            caption="../report/gallery.rst",
+            category=method_of,
+            subcategory="Galleries",
+            labels={"experiment": "{experiment}", "variant": "{variant}"},
+        ),
+    params:
+        notes=metric_notes,
+    log:
+        f"{RESULTS}/logs/plot_gallery/{{experiment}}/{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/plot_gallery/{{experiment}}/{{variant}}.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/plot_gallery.py"

@@ -1,4 +1,5 @@
-"""Gather every variant's metrics, training summary and latency into results/tables/summary.{csv,md}."""
+"""Gather every variant's metrics (with bootstrap intervals), training summary and latency, the
+real-image upper bounds and the study's numbers into results/tables/summary.{csv,md,html}."""
 
 from conceptbench.aggregate import aggregate
 from conceptbench.jobs import job
@@ -11,4 +12,9 @@ with job(snakemake.log[0]):
         sample_dirs=snakemake.input.samples,
         csv_path=snakemake.output.csv,
         md_path=snakemake.output.md,
+        subjects=snakemake.params.subjects,
+        reference_files=snakemake.input.references,
+        study_path=snakemake.input.study,
+        html_path=snakemake.output.html,
+        comparison_path=snakemake.output.comparison,
     )

@@ -1,0 +1,8 @@
+"""Fidelity against artifact size and against latency, across methods."""
+
+from conceptbench.jobs import job
+from conceptbench.plots import plot_efficiency
+
+with job(snakemake.log[0]):
+    plot_efficiency(snakemake.input.summary, snakemake.output.size, x="artifact_bytes")
+    plot_efficiency(snakemake.input.summary, snakemake.output.latency, x="latency_ms")
