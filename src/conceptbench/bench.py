@@ -1,0 +1,324 @@
+"""Speed benchmark: training steps/s, peak memory and sampling latency in SD v1.5's shapes.
+
+    python -m conceptbench.bench --size full --device cuda --out results/bench
+    python -m conceptbench.bench --size tiny --out /tmp/bench          # the CPU smoke test
+
+Models are built from configs with random weights (speed does not depend on weight values, so no
+hub is needed): `--size full` is SD v1.5's architecture, `--size tiny` the embedded default's tiny
+components. Training runs the real loop (train.core.train) on each method family's trainable set,
+built with the method modules' own helpers; sampling times the stock pipeline through
+sample.pipeline_latency, plain and with the fast paths (fastpaths.py). Each timing is set against
+its FLOP floor: FLOPs counted with torch's FlopCounterMode on the built models, divided by the
+device peak given by --peak-flops (default 800e12, an H100 SXM's dense bf16 rate rounded down).
+Writes bench.json and bench.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import runtime
+from .fastpaths import apply_fast_paths
+from .io import write_json, write_text
+from .models.tiny import TINY_DIFFUSION, build_tiny_pipeline
+from .sample import pipeline_latency
+from .train.core import train, train_config
+from .train.method import Method, TrainContext, encode_prompts, noise_and_target, tokenize
+
+# SD v1.5's architecture (unet/, vae/ and text_encoder/ config.json of the released pipeline).
+SD15 = dict(
+    resolution=512,
+    unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+              attention_head_dim=8, norm_num_groups=32,
+              down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32),
+    text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              hidden_act="quick_gelu", projection_dim=768),
+)
+SIZES = {"tiny": TINY_DIFFUSION, "full": SD15}
+FAMILIES = ("dreambooth", "lora", "textual_inversion", "custom_diffusion")
+SAMPLERS = {"cfg30": dict(steps=30, guidance_scale=7.5, lcm=False),  # the study's sampler
+            "lcm4": dict(steps=4, guidance_scale=8.0, lcm=True)}    # LCM: guidance embedded, no CFG batch
+PROMPT = "a photo of a dog in a bucket"
+
+
+def build(size: str, lcm: bool = False):
+    """A StableDiffusionPipeline of `size` with random weights (seed 0) on the CPU; LCM's U-Net has a w-embedding."""
+    spec = copy.deepcopy(SIZES[size])
+    if lcm:
+        spec["unet"]["time_cond_proj_dim"] = 256
+    pipe = build_tiny_pipeline(None, seed=0, spec=spec)
+    if lcm:
+        from diffusers import LCMScheduler
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class BenchMethod(Method):
+    """One method family's trainable set and loss, on prebuilt components, as its method module trains it.
+
+    dreambooth: full U-Net, instance + class latent (prior preservation), cached prompt embeddings;
+    lora: peft rank-r adapter on to_q/to_k/to_v/to_out.0, frozen base in the autocast dtype, VAE
+    encode and text encode per batch; textual_inversion: one embedding row (text encoder and U-Net
+    frozen, backward through both); custom_diffusion: cross-attention k/v plus a modifier-token row,
+    instance + class latent.
+    """
+
+    def __init__(self, family: str, pipe, rank: int = 16):
+        super().__init__({})
+        self.name, self.pipe, self.rank = family, pipe, rank
+
+    def setup(self, ctx: TrainContext) -> None:
+        from diffusers import DDPMScheduler
+
+        from .methods._lora import add_lora
+        from .methods._tokens import TrainableTokens
+        from .methods.custom_diffusion import cross_attention_processors
+
+        p, fam = self.pipe, self.name
+        self.device, self.unet, self.text_encoder, self.vae, self.tokenizer = ctx.device, p.unet, p.text_encoder, p.vae, p.tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(p.scheduler.config)
+        for m in (self.unet, self.text_encoder, self.vae):
+            m.requires_grad_(False).eval()
+        if fam == "lora":  # the frozen base may be held in the autocast dtype; the adapter stays fp32
+            frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
+            for m in (self.unet, self.text_encoder, self.vae):
+                m.to(dtype=frozen)
+        self.n = 2 if fam in ("dreambooth", "custom_diffusion") else 1  # prior preservation doubles the batch
+        side = ctx.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_shape = (self.n, self.vae.config.latent_channels, side, side)
+        self.prompts = ["a photo of <bench>", "a photo of a dog"][: self.n]
+        if fam == "dreambooth":
+            self.unet.requires_grad_(True).train()
+            self.params = list(self.unet.parameters())
+            with torch.no_grad():
+                self.cond = encode_prompts(self.tokenizer, self.text_encoder.to(ctx.device), self.prompts)
+        elif fam == "lora":
+            self.params = add_lora(self.unet, self.rank)
+            self.unet.train()
+        else:
+            tokens = TrainableTokens(self.tokenizer, self.text_encoder, ["<bench>"], ["dog"], fam)
+            self.params = [tokens.vectors]
+            if fam == "custom_diffusion":
+                procs = cross_attention_processors(self.unet, train_q_out=False)
+                self.unet.set_attn_processor({**self.unet.attn_processors, **procs})
+                self.params += [q for proc in procs.values() for q in proc.parameters()]
+            tokens.to(ctx.device)
+            self.ids = tokenize(self.tokenizer, self.prompts).to(ctx.device)
+        for m in (self.unet, self.text_encoder, self.vae):
+            m.to(ctx.device)
+        if ctx.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.params}]
+
+    def batch(self, step: int, generator: torch.Generator) -> dict:
+        if self.name == "lora":  # LoRA encodes each captioned batch (methods/_captioned.py)
+            from .methods._captioned import encode_batch
+
+            side = self.latent_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+            pixels = torch.rand((self.n, 3, side, side), generator=generator) * 2 - 1
+            latents = encode_batch(self.vae, pixels, generator)
+            cond = encode_prompts(self.tokenizer, self.text_encoder, self.prompts)
+        else:
+            latents, cond = torch.randn(self.latent_shape, generator=generator).to(self.device), None
+        noisy, timesteps, target = noise_and_target(self.noise_scheduler, latents, generator)
+        return dict(noisy=noisy, timesteps=timesteps, target=target, cond=cond)
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        from .methods.dreambooth import dreambooth_loss
+
+        if self.name == "dreambooth":
+            cond = self.cond
+        elif self.name == "lora":
+            cond = batch["cond"]
+        else:
+            cond = self.text_encoder(self.ids)[0]
+        pred = self.unet(batch["noisy"], batch["timesteps"], cond).sample
+        return dreambooth_loss(pred, batch["target"], 1, 1.0)
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def bench_train(family: str, args, device: torch.device) -> dict:
+    """Steps/s (median step after warm-up) and peak memory of `family` in the real training loop."""
+    method = BenchMethod(family, build(args.size), rank=args.lora_rank)
+    steps = args.warmup + args.train_steps
+    cfg = train_config({"train": dict(steps=steps, learning_rate=1e-6, mixed_precision=args.mixed_precision,
+                                      gradient_checkpointing=args.gradient_checkpointing,
+                                      optimizer=args.optimizer, log_every=steps, checkpoint_every=0)})
+    ctx = TrainContext(spec={"seed": 0, "resolution": SIZES[args.size]["resolution"]}, base_model=Path("."),
+                       data_dir=None, class_dir=None, device=device, mixed_precision=args.mixed_precision,
+                       gradient_checkpointing=args.gradient_checkpointing)
+    stamps = []
+
+    def stamp(step: int) -> None:
+        runtime.synchronize(device)
+        stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as work:
+        summary = train(method, ctx, cfg, Path(work), on_step_end=stamp)
+    step_ms = statistics.median((b - a) * 1000 for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:]))
+
+    def one_step():
+        g = torch.Generator().manual_seed(0)
+        with runtime.autocast(device, args.mixed_precision):
+            with torch.no_grad():
+                b = method.batch(0, g)
+            loss = method.loss(b, g)
+        loss.backward()
+
+    flops = count_flops(one_step)
+    floor_ms = flops / args.peak_flops * 1000
+    return dict(method=family, batch_latents=method.n, trainable_params=summary["trainable_params"],
+                step_ms=step_ms, steps_per_s=1000 / step_ms, timed_steps=args.train_steps,
+                peak_mem_bytes=summary["peak_mem_bytes"], peak_mem_source=summary["peak_mem_source"],
+                flops_per_step=flops, floor_ms=floor_ms, ratio_to_floor=step_ms / floor_ms,
+                mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                optimizer=args.optimizer)
+
+
+def sampling_flops(size: str, steps: int, cfg: bool, device: torch.device) -> int:
+    """U-Net forwards (2 latents per step with CFG) plus one VAE decode, counted on the built models."""
+    pipe = build(size).to(device)
+    spec = SIZES[size]
+    side = spec["resolution"] // 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+    n = 2 if cfg else 1
+    latent = torch.randn(n, 4, side, side, device=device)
+    text = torch.randn(n, 77, pipe.unet.config.cross_attention_dim, device=device)
+    with torch.no_grad():
+        unet = count_flops(lambda: pipe.unet(latent, 500, text))
+        vae = count_flops(lambda: pipe.vae.decode(latent[:1]))
+    return steps * unet + vae
+
+
+def bench_sample(sampler: str, profile: str, args, device: torch.device, flops: int) -> dict:
+    """Latency of one image (median of --repeats after --warmup) with the plain or the fast settings."""
+    s = SAMPLERS[sampler]
+    fast = dict(dtype=args.fast_dtype, attention="sdpa_fused", channels_last=True, tf32=True,
+                compile=args.compile, compile_mode=args.compile_mode)
+    plain = dict(dtype="fp32", attention="classic", channels_last=False, tf32=False, compile=False)
+    cfg = fast if profile == "fast" else plain
+    pipe = build(args.size, lcm=s["lcm"]).to(device, runtime.torch_dtype(cfg["dtype"]))
+    applied = apply_fast_paths(pipe, cfg)
+    lat = pipeline_latency(pipe, PROMPT, s["steps"], s["guidance_scale"], SIZES[args.size]["resolution"],
+                           warmup=args.sample_warmup, repeats=args.repeats)
+    floor_ms = flops / args.peak_flops * 1000
+    return dict(sampler=sampler, profile=profile, dtype=cfg["dtype"], steps=s["steps"], median_ms=lat["median_ms"],
+                repeats=args.repeats, first_call_ms=lat["warmup_ms"][0],
+                compile_s=(lat["warmup_ms"][0] - lat["median_ms"]) / 1000 if cfg["compile"] else None,
+                flops_per_image=flops, floor_ms=floor_ms, ratio_to_floor=lat["median_ms"] / floor_ms,
+                fast_paths=applied)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def machine(device: torch.device) -> dict:
+    import diffusers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return dict(device=str(device), device_name=name, cpu_threads=torch.get_num_threads(), torch=torch.__version__,
+                diffusers=diffusers.__version__, python=platform.python_version())
+
+
+def markdown(result: dict) -> str:
+    m, a = result["machine"], result["settings"]
+    gib = 2**30
+    lines = [f"Device: {m['device']} ({m['device_name']}), {m['cpu_threads']} CPU threads; torch {m['torch']}, "
+             f"diffusers {m['diffusers']}. Size {a['size']}; floor at {a['peak_flops']:.3g} FLOP/s.", "",
+             "| training | trainable params | steps/s | ms/step | peak memory (GiB) | TFLOP/step | × floor |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["train"]:
+        lines.append(f"| {r['method']} ({r['batch_latents']} latent{'s' if r['batch_latents'] > 1 else ''}) | "
+                     f"{r['trainable_params']:,} | {r['steps_per_s']:.3g} | {r['step_ms']:.4g} | "
+                     f"{r['peak_mem_bytes'] / gib:.2f} | {r['flops_per_step'] / 1e12:.3g} | {r['ratio_to_floor']:.3g} |")
+    lines += ["", "| sampling | profile | ms/image (median) | n | compile (s) | floor (ms) | × floor |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["sample"]:
+        comp = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–"
+        lines.append(f"| {r['sampler']} | {r['profile']} ({r['dtype']}, {r['fast_paths']['attention']}) | "
+                     f"{r['median_ms']:.4g} | {r['repeats']} | {comp} | {r['floor_ms']:.3g} | {r['ratio_to_floor']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m conceptbench.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--out", type=Path, default=Path("results/bench"))
+    ap.add_argument("--methods", default=",".join(FAMILIES))
+    ap.add_argument("--samplers", default=",".join(SAMPLERS))
+    ap.add_argument("--profiles", default="plain,fast")
+    ap.add_argument("--train-steps", type=int, default=None, help="timed steps (default 10 full, 3 tiny)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed training steps")
+    ap.add_argument("--repeats", type=int, default=None, help="timed images (default 10 full, 3 tiny)")
+    ap.add_argument("--sample-warmup", type=int, default=1)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                    help="training autocast (default bf16 on cuda, no on cpu)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    ap.add_argument("--fast-dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the U-Net in the fast profile")
+    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    ap.add_argument("--peak-flops", type=float, default=800e12, help="device peak FLOP/s for the floor")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    full = args.size == "full"
+    args.train_steps = args.train_steps or (10 if full else 3)
+    args.repeats = args.repeats or (10 if full else 3)
+    if args.warmup < 1:
+        ap.error("--warmup must be at least 1 (the first step is never timed)")
+    return args
+
+
+def run(argv=None) -> dict:
+    args = parse_args(argv)
+    runtime.set_threads(args.threads)
+    device = runtime.pick_device(args.device)
+    args.mixed_precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    result = dict(machine=machine(device), settings={k: str(v) if isinstance(v, Path) else v
+                                                     for k, v in vars(args).items()}, train=[], sample=[])
+    for family in filter(None, args.methods.split(",")):
+        if family not in FAMILIES:
+            raise SystemExit(f"--methods: unknown {family!r}; known: {', '.join(FAMILIES)}")
+        result["train"].append(bench_train(family, args, device))
+        print(result["train"][-1], flush=True)
+        free_memory(device)
+    for sampler in filter(None, args.samplers.split(",")):
+        s = SAMPLERS[sampler]
+        flops = sampling_flops(args.size, s["steps"], not s["lcm"], device)
+        for profile in filter(None, args.profiles.split(",")):
+            result["sample"].append(bench_sample(sampler, profile, args, device, flops))
+            print(result["sample"][-1], flush=True)
+            free_memory(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "bench.json", result)
+    write_text(args.out / "bench.md", markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    run()
