@@ -67,6 +67,18 @@ def test_bad_images_are_refused_by_name(tmp_path, content, expected):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_an_image_far_smaller_than_the_resolution_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _photo((200, 150)).save(src / "small.png")  # 150 px: enough for 512 (at least 512 / 4)
+    _photo((120, 100)).save(src / "smaller.png")
+    spec = {**SUBJECT, "resolution": 512}
+    with pytest.raises(DataError, match=r"smaller\.png: 120x100 pixels, expected at least 128 .* training at 512"):
+        prepare_dataset("dog", spec, src, tmp_path / "out")
+    (src / "smaller.png").unlink()
+    assert len(prepare_dataset("dog", spec, src, tmp_path / "out")) == 1
+
+
 def test_empty_and_missing_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images found"):

@@ -125,13 +125,18 @@ def source_items(spec: dict, raw: Path | None) -> Iterator[Item]:
 def prepare_dataset(name: str, spec: dict, raw: Path | None, out_dir: Path) -> list[dict]:
     """Check, convert and write a dataset as 000000.png ... plus metadata.jsonl; return its rows."""
     rows = []
+    # An image four times smaller than the training resolution would be upscaled into mush.
+    min_side = max(spec["min_side"], spec["resolution"] // 4)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for source, img, caption in source_items(spec, raw):
             if len(rows) >= spec["max_images"]:
                 break
-            if min(img.size) < spec["min_side"]:
-                raise DataError(f"{source}: {img.size[0]}x{img.size[1]} pixels, expected at least {spec['min_side']}")
+            if min(img.size) < min_side:
+                raise DataError(
+                    f"{source}: {img.size[0]}x{img.size[1]} pixels, expected at least {min_side} on the shorter "
+                    f"side for training at {spec['resolution']}"
+                )
             if spec["kind"] == "captions" and not (caption or "").strip():
                 raise DataError(f"{source}: dataset {name!r} has captions, but this image has none")
             file_name = f"{len(rows):06d}.png"
