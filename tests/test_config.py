@@ -31,10 +31,10 @@ def test_study_config_is_the_study():
     exps = cfg["experiments"]
     steps = {name: exps[name]["train"]["steps"] for name in exps}
     assert steps == {"dreambooth": 400, "lora": 15000, "textual_inversion": 800,
-                     "custom_diffusion": 250, "lcm": 10000, "ddpo": 200}
+                     "custom_diffusion": 250, "custom_diffusion_multi": 500, "lcm": 10000, "ddpo": 200}
     lrs = {name: exps[name]["train"]["learning_rate"] for name in exps}
     assert lrs == {"dreambooth": 5e-6, "lora": 1e-4, "textual_inversion": 5e-4,
-                   "custom_diffusion": 1e-5, "lcm": 1e-6, "ddpo": 3e-4}
+                   "custom_diffusion": 1e-5, "custom_diffusion_multi": 1e-5, "lcm": 1e-6, "ddpo": 3e-4}
     assert {n: e["sampling"]["steps"] for n, e in exps.items()}["lcm"] == 4
     assert exps["ddpo"]["sampling"]["steps"] == 50
     assert exps["custom_diffusion"]["base_model"] == "sd14"

@@ -10,9 +10,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from chromium import CHROMIUM, chromium, data_uri_payload, report_opening
+
+from conceptbench import config as cb
+from conceptbench.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((ROOT / "config/tiny.yaml").read_text())
+TINY_VARIANTS_CFG = cb.validate(copy.deepcopy(TINY))
+TINY_VARIANTS = cb.variants(TINY_VARIANTS_CFG)  # {experiment: {variant: value}} of the enabled experiments
 
 
 def snakemake(workdir, *args, check=True):
@@ -53,18 +59,23 @@ def test_lint_is_clean(tmp_path):
 def test_study_dry_run_lists_the_whole_study(tmp_path):
     proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "config/config.yaml"))
     counts = job_counts(proc.stdout)
-    variants = 4 + 3 + 4 + 2 + 2 + 2  # DreamBooth λ, LoRA rank, TI vectors, CD params, LCM loss, DDPO lora
+    variants = 4 + 3 + 4 + 2 + 1 + 2 + 2  # DreamBooth λ, LoRA rank, TI vectors, CD params, CD multi-concept, LCM, DDPO
     assert counts == {
         "fetch_model": 5,  # sd15, sd14, clip, dino, aesthetic
         "fetch_dataset": 5,  # dog (3 images), dog5, cat_toy, naruto, cc12m
         "prepare_dataset": 5,
         "generate_class_images": 1,  # once, shared by every λ
+        "index_pool": 1,  # cc12m, the retrieval pool, embedded once
+        "retrieve_class_images": 3,  # real dogs (CD, CD multi-concept) and toys (CD multi-concept), shared by variants
         "embed_references": 3,  # the three subjects scored with CLIP-I/DINO-I
         "train": variants,
         "sample": variants,
         "evaluate": variants,
+        "score_references": 3,  # the real-image upper bound of each subject
         "aggregate": 1,
-        "plot_sweep": 6,
+        "plot_sweep": 7,
+        "plot_efficiency": 1,
+        "plot_gallery": variants,
         "all": 1,
     }
     for name in ("lambda-0.25", "rank-16", "vectors-8", "params-crossattn_kv", "loss-huber", "lora-true"):
@@ -91,20 +102,63 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_scores_every_lambda(tiny_run):
     work, _ = tiny_run
-    summary = pd.read_csv(work / "results/tables/summary.csv")
+    table = pd.read_csv(work / "results/tables/summary.csv")
+    real = table[table["method"] == "real_images"]
+    summary = table[(table["experiment"] == "dreambooth") & (table["method"] != "real_images")]
     assert sorted(summary["variant"]) == ["lambda-0.25", "lambda-0.5", "lambda-0.75", "lambda-1.0"]
     for col in ("clip_t", "clip_i", "dino_i", "latency_ms", "trainable_params", "artifact_bytes"):
         assert summary[col].notna().all() and (summary[col].abs() < float("inf")).all(), col
+    for m in ("clip_t", "clip_i", "dino_i"):
+        assert (summary[f"{m}_lo"] <= summary[m]).all() and (summary[m] <= summary[f"{m}_hi"]).all(), m
+    assert summary["aesthetic"].isna().all()  # not a DreamBooth metric
+    subjects = {e["data"] for e in TINY_VARIANTS_CFG["experiments"].values() if e.get("enabled", True)
+                and {"clip_i", "dino_i"} & set(e.get("metrics", []))}
+    assert sorted(real["variant"]) == sorted(subjects) and real[["clip_i", "dino_i"]].notna().all().all()
+    assert (work / "results/tables/summary.md").read_text().count("lambda-") >= 4
     assert (summary["n_images"] == 3 * TINY["evaluation"]["seeds"]).all()
     assert (work / "results/plots/dreambooth.png").stat().st_size > 0
     n_class = TINY["experiments"]["dreambooth"]["class_images"]["count"]
     assert len(list((work / "results/class_images/dreambooth").glob("*.png"))) == n_class
 
 
+def test_tiny_run_scores_textual_inversion_and_custom_diffusion(tiny_run):
+    """Every TI vector count and Custom Diffusion variant (multi-concept too) is trained, sampled and scored."""
+    work, _ = tiny_run
+    table = pd.read_csv(work / "results/tables/summary.csv")
+    table = table[table["method"] != "real_images"]
+    for experiment in ("textual_inversion", "custom_diffusion", "custom_diffusion_multi"):
+        rows = table[table["experiment"] == experiment]
+        assert sorted(rows["variant"]) == sorted(TINY_VARIANTS[experiment]), experiment
+        for col in ("clip_t", "clip_i", "dino_i", "latency_ms", "trainable_params", "artifact_bytes"):
+            assert rows[col].notna().all() and (rows[col] > -float("inf")).all(), (experiment, col)
+    ti = table[table["experiment"] == "textual_inversion"].set_index("variant")
+    assert [ti.loc[f"vectors-{n}", "trainable_params"] for n in (1, 2, 4, 8)] == [32 * n for n in (1, 2, 4, 8)]
+    cd = table[table["experiment"] == "custom_diffusion"].set_index("variant")
+    assert cd.loc["params-crossattn", "trainable_params"] > cd.loc["params-crossattn_kv", "trainable_params"]
+    for concept, n in (("custom_diffusion/0", 4), ("custom_diffusion_multi/0", 4), ("custom_diffusion_multi/1", 4)):
+        assert len(list((work / "results/retrieved" / concept).glob("*.png"))) == n, concept
+    assert not (work / "results/class_images/custom_diffusion").exists()  # real images, none generated
+    multi = [r["eval_prompt"] for r in read_jsonl(work / "results/samples/custom_diffusion_multi/params-crossattn_kv/samples.jsonl")]
+    assert "a dog playing with a toy" in multi and not any("<" in p for p in multi)
+
+
+def test_tiny_run_scores_lora_lcm_and_ddpo(tiny_run):
+    work, _ = tiny_run
+    table = pd.read_csv(work / "results/tables/summary.csv").set_index(["experiment", "variant"])
+    rows = [("lora", "rank-4"), ("lora", "rank-8"), ("lora", "rank-16"), ("lcm", "loss-l2"), ("lcm", "loss-huber"),
+            ("ddpo", "lora-false"), ("ddpo", "lora-true")]
+    for key in rows:
+        assert table.loc[key, "clip_t"] == table.loc[key, "clip_t"], key  # not NaN
+    assert table.loc[("ddpo", "lora-false"), "aesthetic"] == table.loc[("ddpo", "lora-false"), "aesthetic"]
+    ranks = [table.loc[("lora", f"rank-{r}"), "trainable_params"] for r in (4, 8, 16)]
+    assert ranks[1] == 2 * ranks[0] and ranks[2] == 4 * ranks[0]  # LoRA parameters grow linearly with r
+
+
 def test_report_holds_the_table_and_samples(tiny_run):
     work, _ = tiny_run
     html = (work / "report.html").read_text(errors="replace")
     assert "summary.csv" in html and "dreambooth.png" in html and "00_0.png" in html
+    assert "summary.html" in html and "efficiency_size.png" in html and "lambda-0.25.png" in html
 
 
 def test_nothing_reruns_when_nothing_changed(tiny_run):
@@ -118,7 +172,10 @@ def test_changing_one_lambda_reruns_only_its_chain(tiny_run, tmp_path):
     cfg = copy.deepcopy(TINY)
     cfg["experiments"]["dreambooth"]["sweep"]["values"][0] = 0.3
     proc = snakemake(work, "-n", "--configfile", str(write_config(tmp_path / "changed.yaml", cfg)))
-    assert job_counts(proc.stdout) == {"train": 1, "sample": 1, "evaluate": 1, "aggregate": 1, "plot_sweep": 1, "all": 1}
+    assert job_counts(proc.stdout) == {
+        "train": 1, "sample": 1, "evaluate": 1, "aggregate": 1, "plot_gallery": 1, "plot_efficiency": 1, "all": 1,
+        "plot_sweep": len(TINY_VARIANTS),  # every sweep plot reads summary.csv
+    }
     assert "lambda-0.3/artifact" in proc.stdout
 
 
@@ -128,4 +185,47 @@ def test_changing_sampling_reruns_no_training(tiny_run, tmp_path):
     cfg["evaluation"]["seeds"] += 1
     proc = snakemake(work, "-n", "--configfile", str(write_config(tmp_path / "changed.yaml", cfg)))
     counts = job_counts(proc.stdout)
-    assert "train" not in counts and counts["sample"] == 4 and counts["evaluate"] == 4
+    n = sum(len(v) for v in TINY_VARIANTS.values())
+    assert "train" not in counts and counts["sample"] == n and counts["evaluate"] == n
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+def test_report_shows_the_table_and_images_in_chromium(tiny_run, tmp_path):
+    """The report opens in headless chromium; its summary view holds the table, its galleries images."""
+    from PIL import Image
+
+    work, _ = tiny_run
+    report = work / "report.html"
+    assert re.search(r'<div id="app">\s*<div', chromium(report, tmp_path / "p0"))  # the app rendered itself
+    table = report_opening(report, "tables/summary.html", tmp_path / "table.html")
+    page = data_uri_payload(chromium(table, tmp_path / "p1"), "iframe", "text/html").decode()
+    summary = pd.read_csv(work / "results/tables/summary.csv")
+    assert page.count("<tr>") > len(summary) and all(f"<td>{v}</td>" in page for v in summary["variant"])
+    gallery = report_opening(report, "gallery/dreambooth/lambda-0.25.png", tmp_path / "gallery.html")
+    png = data_uri_payload(chromium(gallery, tmp_path / "p2"), "img", "image/png")
+    assert png == (work / "results/plots/gallery/dreambooth/lambda-0.25.png").read_bytes()
+    for name, page_file in (("table", table), ("gallery", gallery)):
+        shot = tmp_path / f"screenshot_{name}.png"
+        chromium(page_file, tmp_path / f"s_{name}", screenshot=shot)
+        with Image.open(shot) as im:
+            gray = im.convert("L")
+        assert gray.getextrema()[0] < 100 and len(gray.getcolors(1 << 16) or []) > 20, name  # not blank
+
+
+def test_a_failed_variant_is_redone_alone(tiny_run):
+    """As after a failed evaluation: one variant's metrics and the summary missing. The rerun
+    redoes that evaluation and what reads it, and no training or sampling."""
+    work, config = tiny_run
+    lost = [work / "results/metrics/dreambooth/lambda-0.5.csv", work / "results/tables/summary.csv"]
+    kept = {p: p.read_bytes() for p in lost}
+    for p in lost:
+        p.unlink()
+    try:
+        proc = snakemake(work, "-n", "--configfile", str(config))
+        counts = job_counts(proc.stdout)
+        assert counts["evaluate"] == 1 and counts["aggregate"] == 1
+        assert "train" not in counts and "sample" not in counts
+        assert re.findall(r"output: (\S+/metrics/\S+)", proc.stdout) == ["results/metrics/dreambooth/lambda-0.5.csv"]
+    finally:
+        for p, data in kept.items():
+            p.write_bytes(data)

@@ -9,6 +9,7 @@ changed value invalidates that variant's chain and nothing else.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def _check_references(config: dict) -> None:
         ci = exp["class_images"]
         if ci["count"] and not ci["prompt"]:
             problems.append(f"{where}.class_images.prompt: needed when class_images.count > 0")
+        problems += _retrieval_problems(where, exp, datasets)
         section, key = exp["sweep"]["param"].split(".")
         known = exp[section] if section != "args" else None
         if known is not None and key not in known:
@@ -119,6 +121,37 @@ def _check_references(config: dict) -> None:
             problems.append(f"{where}.sweep.values: duplicate variant names {dupes}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def check_output_dirs(config: dict) -> None:
+    """Refuse, before any job runs, a results or resources folder that cannot be created or written."""
+    for key in ("results", "resources"):
+        path = Path(config[key]).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"{key}: {config[key]} cannot be created: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}: {config[key]} is not writable ({existing} denies writing)")
+
+
+def _retrieval_problems(where: str, exp: dict, datasets: dict) -> list[str]:
+    """Retrieved class images need a pool; extra concepts (multi-concept) need datasets and, when
+    regularized, retrieved class images (generated ones exist for the experiment's own class only)."""
+    problems, ci = [], exp["class_images"]
+    retrieved = ci["count"] and ci["source"] == "retrieved"
+    if retrieved and ci["backend"] == "faiss" and ci["pool"] not in datasets:
+        problems.append(f"{where}.class_images.pool: {ci['pool']!r} is not in datasets ({', '.join(datasets)})")
+    extras = exp["args"].get("extra_concepts") or []
+    if not isinstance(extras, list):
+        return problems + [f"{where}.args.extra_concepts: expected a list of concepts"]
+    for i, concept in enumerate(extras):
+        if not isinstance(concept, dict) or concept.get("data") not in datasets:
+            data = concept.get("data") if isinstance(concept, dict) else concept
+            problems.append(f"{where}.args.extra_concepts.{i}.data: {data!r} is not in datasets")
+        elif ci["count"] and not (retrieved and concept.get("class_prompt")):
+            problems.append(f"{where}.args.extra_concepts.{i}: class images for extra concepts are retrieved "
+                            "(class_images.source: retrieved) for their class_prompt")
+    return problems
 
 
 def enabled_experiments(config: dict) -> dict:
@@ -176,5 +209,7 @@ def eval_prompts(exp: dict) -> list[dict]:
         scored = prompt
         if exp["subject_phrase"]:
             scored = prompt.replace(exp["subject_phrase"], exp["class_phrase"])
+        for phrase, replacement in exp.get("extra_phrases", {}).items():  # multi-concept prompts
+            scored = scored.replace(phrase, replacement)
         rows.append({"prompt": prompt, "eval_prompt": " ".join(scored.split())})
     return rows

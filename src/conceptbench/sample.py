@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from . import runtime
+from .fastpaths import apply_fast_paths
 from .io import atomic_path, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def run_sampling(spec: dict, base_model: Path, artifact_dir: Path, cfg: dict, ou
     dev = runtime.pick_device(device)
     pipe = get_method(spec["method"]).load_pipeline(Path(artifact_dir), Path(base_model), spec, dev,
                                                     runtime.torch_dtype(cfg["dtype"]))
+    fast_paths = apply_fast_paths(pipe, cfg)
     pipe.set_progress_bar_config(disable=True)
     common = dict(steps=cfg["steps"], guidance_scale=cfg["guidance_scale"], resolution=cfg["resolution"])
 
@@ -125,7 +127,7 @@ def run_sampling(spec: dict, base_model: Path, artifact_dir: Path, cfg: dict, ou
         if cfg["latency_repeats"] > 0:
             latency = pipeline_latency(pipe, cfg["prompts"][0]["prompt"], warmup=cfg["latency_warmup"],
                                        repeats=cfg["latency_repeats"], **common)
-        latency.update({k: spec.get(k) for k in ("experiment", "variant", "method", "seed")})
+        latency.update({k: spec.get(k) for k in ("experiment", "variant", "method", "seed")}, fast_paths=fast_paths)
         write_json(tmp / "latency.json", latency)
     return rows
 

@@ -1,4 +1,5 @@
 # Config validation, wildcard constraints and input functions shared by every stage.
+import math
 import os
 import re
 import sys
@@ -15,6 +16,7 @@ os.environ.update(
 from conceptbench import config as cb
 
 cb.validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+cb.check_output_dirs(config)
 
 RESULTS = config["results"]
 RESOURCES = config["resources"]
@@ -84,8 +86,59 @@ def train_inputs(wildcards):
     if exp["data"]:
         inputs["data"] = f"{RESULTS}/data/{exp['data']}"
     if exp["class_images"]["count"]:
-        inputs["class_images"] = f"{RESULTS}/class_images/{wildcards.experiment}"
+        inputs["class_images"] = class_images_dir(wildcards.experiment, 0)
+    inputs.update(extra_concept_inputs(wildcards.experiment))
+    args = cb.resolve_variant(config, wildcards.experiment, wildcards.variant)["args"]
+    if exp["method"] == "ddpo" and args.get("reward", "aesthetic") == "aesthetic":
+        # DDPO's reward scores its samples with the evaluation's CLIP and LAION aesthetic head.
+        inputs["clip"] = model_dir(config["metrics"]["clip"])
+        inputs["aesthetic"] = model_dir(config["metrics"]["aesthetic"])
     return inputs
+
+
+# --- class images: generated, or retrieved (Custom Diffusion's real-image regularization) --------
+
+
+def class_images_dir(experiment, concept):
+    """Class images of an experiment's concept (0: its own, i: args.extra_concepts[i-1])."""
+    if EXPERIMENTS[experiment]["class_images"]["source"] == "retrieved":
+        return f"{RESULTS}/retrieved/{experiment}/{concept}"
+    return f"{RESULTS}/class_images/{experiment}"
+
+
+def extra_concept_inputs(experiment):
+    """data_i (and class_images_i) of each extra concept of a multi-concept experiment."""
+    exp = EXPERIMENTS[experiment]
+    inputs = {}
+    for i, concept in enumerate(exp["args"].get("extra_concepts") or [], start=1):
+        inputs[f"data_{i}"] = f"{RESULTS}/data/{concept['data']}"
+        if exp["class_images"]["count"]:
+            inputs[f"class_images_{i}"] = class_images_dir(experiment, i)
+    return inputs
+
+
+def retrieval_inputs(wildcards):
+    """The faiss backend needs the pool, its index and the CLIP; the knn service needs nothing local."""
+    ci = EXPERIMENTS[wildcards.experiment]["class_images"]
+    if ci["backend"] != "faiss":
+        return {}
+    return {"pool": f"{RESULTS}/data/{ci['pool']}", "index": f"{RESULTS}/pools/{ci['pool']}",
+            "clip": model_dir(config["metrics"]["clip"])}
+
+
+def retrieval_params(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    concept = int(wildcards.concept)
+    extras = exp["args"].get("extra_concepts") or []
+    if concept > len(extras):
+        raise ValueError(f"experiments.{wildcards.experiment}: no concept {concept} (it has {len(extras) + 1})")
+    prompt = exp["class_images"]["prompt"] if concept == 0 else extras[concept - 1]["class_prompt"]
+    keys = ("count", "backend", "knn_url", "knn_index")
+    return {"prompt": prompt, "resolution": exp["resolution"], **{k: exp["class_images"][k] for k in keys}}
+
+
+def pool_index_inputs(wildcards):
+    return {"pool": f"{RESULTS}/data/{wildcards.dataset}", "clip": model_dir(config["metrics"]["clip"])}
 
 
 def evaluate_inputs(wildcards):
@@ -124,7 +177,8 @@ def sampling_params(wildcards):
 
 def class_image_params(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
-    return {**exp["class_images"], "resolution": exp["resolution"], "seed": config["seed"]}
+    generation = {k: exp["class_images"][k] for k in ("prompt", "count", "steps", "guidance_scale")}
+    return {**generation, "resolution": exp["resolution"], "seed": config["seed"]}
 
 
 def experiment_table(wildcards=None):
@@ -145,8 +199,99 @@ def experiment_info(wildcards):
     return experiment_table()[wildcards.experiment]
 
 
-def experiment_metric_files(wildcards):
-    return [f"{RESULTS}/metrics/{wildcards.experiment}/{v}.csv" for v in VARIANTS[wildcards.experiment]]
+# --- summary, plots and report ------------------------------------------------------------
+
+# The study's published numbers and metric bands, transcribed once (shown beside the measured ones).
+STUDY_RESULTS = str(Path(workflow.basedir) / "workflow" / "data" / "study_results.yaml")
+
+
+def reference_subjects(wildcards=None):
+    """{subject dataset: [experiments scored against it]}: one real-image upper-bound row each."""
+    subjects = {}
+    for name in VARIANTS:
+        if cb.REFERENCE_METRICS & set(EXPERIMENTS[name]["metrics"]):
+            subjects.setdefault(EXPERIMENTS[name]["data"], []).append(name)
+    return subjects
+
+
+def reference_score_files(wildcards=None):
+    return [f"{RESULTS}/references/{subject}.scores.csv" for subject in reference_subjects()]
+
+
+def method_of(wildcards):
+    """The report category of an experiment's items: its method."""
+    return EXPERIMENTS[wildcards.experiment]["method"]
+
+
+def metric_notes(wildcards=None):
+    """What each metric means and the study's bands for it, for the report captions."""
+    from conceptbench import study
+
+    numbers = study.load(STUDY_RESULTS)
+    return {
+        m: {"name": spec["name"], "meaning": spec["meaning"], "bands": study.band_text(numbers, m)}
+        for m, spec in numbers["metrics"].items()
+    }
+
+
+# --- cluster resources: what a job asks SLURM for (profiles/slurm) ---------------------------------
+# GPU rules ask for gpu=1 of the config's cluster.gpu_model, plus host CPUs (threads, which the SLURM
+# executor passes as --cpus-per-task) and host memory sized for full-size models; jobs on tiny models
+# (the embedded default) ask for one CPU and TINY_MEM_MB. A retry asks for more memory and time.
+
+TINY_MEM_MB = 2000
+# Estimated seconds per optimizer step on one H100 at 512x512 (DDPO: per epoch of sampling and PPO
+# updates), about twice the expected time so a slow node does not hit the limit. Estimates, not
+# measurements: a job's benchmark file (results/benchmarks/train/...) gives the real figure.
+H100_SECONDS_PER_STEP = {
+    "dreambooth": 1.0,
+    "lora": 0.5,
+    "textual_inversion": 0.5,
+    "custom_diffusion": 1.0,
+    "lcm": 1.5,
+    "ddpo": 240.0,
+}
+TRAIN_SETUP_MINUTES = 15  # loading the models, saving the artifact, the last checkpoint
+
+
+def _tiny_job(wildcards):
+    """Whether a job runs on tiny components: its experiment's base model, else the scoring CLIP."""
+    name = EXPERIMENTS[wildcards.experiment]["base_model"] if hasattr(wildcards, "experiment") else config["metrics"]["clip"]
+    return bool(MODELS[name].get("tiny"))
+
+
+def host_threads(full):
+    """threads for a GPU rule: `full` host CPUs on full-size models, 1 on tiny ones."""
+
+    def threads(wildcards):
+        return 1 if _tiny_job(wildcards) else full
+
+    return threads
+
+
+def host_mem_mb(full):
+    """mem_mb for a GPU rule: `full` MB on full-size models, TINY_MEM_MB on tiny ones; doubled per retry."""
+
+    def mem_mb(wildcards, attempt):
+        return (TINY_MEM_MB if _tiny_job(wildcards) else full) * attempt
+
+    return mem_mb
+
+
+def gpu_model(wildcards):
+    """The GPU type SLURM should give (config cluster.gpu_model); None asks for any GPU."""
+    return config["cluster"]["gpu_model"]
+
+
+def train_runtime(wildcards, attempt):
+    """Minutes for a training job: setup plus steps at the H100 rate, scaled by pixels; more per retry."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    if exp["method"] not in H100_SECONDS_PER_STEP:
+        raise ValueError(f"experiments.{wildcards.experiment}.method: {exp['method']!r} has no entry in "
+                         "H100_SECONDS_PER_STEP (workflow/rules/common.smk)")
+    steps = cb.resolve_variant(config, wildcards.experiment, wildcards.variant)["train"]["steps"]
+    seconds = steps * H100_SECONDS_PER_STEP[exp["method"]] * (exp["resolution"] / 512) ** 2
+    return (TRAIN_SETUP_MINUTES + math.ceil(seconds / 60)) * attempt
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -160,5 +305,9 @@ def final_targets(wildcards=None):
     return [
         f"{RESULTS}/tables/summary.csv",
         f"{RESULTS}/tables/summary.md",
+        f"{RESULTS}/tables/summary.html",
         *[f"{RESULTS}/plots/{e}.png" for e in VARIANTS],
+        f"{RESULTS}/plots/efficiency_size.png",
+        f"{RESULTS}/plots/efficiency_latency.png",
+        *variant_files(f"{RESULTS}/plots/gallery/{{experiment}}/{{variant}}.png"),
     ]

@@ -51,9 +51,11 @@ rule generate_class_images:
         f"{RESULTS}/logs/generate_class_images/{{experiment}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/generate_class_images/{{experiment}}.tsv"
+    threads: host_threads(4)
     resources:
         gpu=1,
-        mem_mb=32000,
+        gpu_model=gpu_model,
+        mem_mb=host_mem_mb(32000),
         runtime=60,
     conda:
         "../../envs/torch.yaml"

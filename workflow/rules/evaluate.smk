@@ -12,9 +12,11 @@ rule embed_references:
         f"{RESULTS}/logs/embed_references/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/embed_references/{{dataset}}.tsv"
+    threads: host_threads(4)
     resources:
         gpu=1,
-        mem_mb=16000,
+        gpu_model=gpu_model,
+        mem_mb=host_mem_mb(16000),
         runtime=20,
     conda:
         "../../envs/torch.yaml"
@@ -31,9 +33,11 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate/{{experiment}}/{{variant}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{experiment}}/{{variant}}.tsv"
+    threads: host_threads(4)
     resources:
         gpu=1,
-        mem_mb=16000,
+        gpu_model=gpu_model,
+        mem_mb=host_mem_mb(16000),
         runtime=30,
     conda:
         "../../envs/torch.yaml"

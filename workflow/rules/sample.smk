@@ -11,7 +11,7 @@ rule sample:
             directory(f"{RESULTS}/samples/{{experiment}}/{{variant}}"),
             patterns=["{name}.png"],
             caption="../report/samples.rst",
-            category="{experiment}",
+            category=method_of,
             subcategory="Samples",
             labels={"variant": "{variant}", "image": "{name}"},
         ),
@@ -22,9 +22,11 @@ rule sample:
         f"{RESULTS}/logs/sample/{{experiment}}/{{variant}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/sample/{{experiment}}/{{variant}}.tsv"
+    threads: host_threads(4)
     resources:
         gpu=1,
-        mem_mb=32000,
+        gpu_model=gpu_model,
+        mem_mb=host_mem_mb(32000),
         runtime=60,
     conda:
         "../../envs/torch.yaml"

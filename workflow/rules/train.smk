@@ -16,10 +16,12 @@ rule train:
         f"{RESULTS}/logs/train/{{experiment}}/{{variant}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{experiment}}/{{variant}}.tsv"
+    threads: host_threads(8)
     resources:
         gpu=1,
-        mem_mb=64000,
-        runtime=240,
+        gpu_model=gpu_model,
+        mem_mb=host_mem_mb(64000),
+        runtime=train_runtime,
     conda:
         "../../envs/torch.yaml"
     script:

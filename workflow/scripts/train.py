@@ -15,4 +15,5 @@ with job(snakemake.log[0]):
         log_path=snakemake.output.loss,
         summary_path=snakemake.output.summary,
         threads=snakemake.threads,
+        inputs=dict(snakemake.input.items()),
     )

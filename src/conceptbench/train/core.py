@@ -29,6 +29,7 @@ from .. import runtime
 from ..config import ConfigError
 from ..io import atomic_path, read_jsonl, tree_bytes, write_json, write_jsonl
 from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint, spec_fingerprint
+from .preempt import Preempted, StopRequest, stop_on_sigterm
 from .method import Method, MethodError, TrainContext
 
 log = logging.getLogger(__name__)
@@ -159,11 +160,12 @@ class LossLog:
 
 
 def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
-          on_step_end: StepHook | None = None) -> dict:
+          on_step_end: StepHook | None = None, stop: StopRequest | None = None) -> dict:
     """Run (or resume) the optimisation; returns the loop's part of the summary.
 
     `work_dir` holds checkpoint.pt and loss_log.jsonl. `on_step_end(step)` is called after each
     optimizer step and after that step's checkpoint (1-based step; tests raise in it to simulate a crash).
+    Once `stop` is requested (SIGTERM, see preempt.py), the step in flight ends with a checkpoint and Preempted.
     """
     device, mp, seed = ctx.device, cfg["mixed_precision"], ctx.seed
     steps, accum = int(cfg["steps"]), int(cfg["gradient_accumulation_steps"])
@@ -222,7 +224,8 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
         done = step + 1
         losses.add(done, total / accum, lr)
         bar.update(1)
-        ckpt_due = every_ckpt > 0 and done % every_ckpt == 0 and done < steps
+        stopping = stop is not None and stop.requested and done < steps  # SIGTERM: checkpoint, then stop
+        ckpt_due = (every_ckpt > 0 and done % every_ckpt == 0 and done < steps) or stopping
         if done % every_log == 0 or done == steps or ckpt_due:
             row = losses.flush(spent + time.perf_counter() - t0)
             bar.set_postfix(loss=f"{row['last_loss']:.4g}", lr=f"{lr:.3g}")
@@ -230,6 +233,9 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
             seconds = spent + time.perf_counter() - t0
             save_checkpoint(work_dir, snapshot(done, fingerprint, seconds, params, optimizer, lr_scheduler,
                                                scaler, method))
+        if stopping:
+            raise Preempted(f"SIGTERM after step {done} of {steps}: checkpoint saved in {work_dir}; "
+                            f"a rerun resumes from step {done}")
         if on_step_end is not None:
             on_step_end(done)
     bar.close()
@@ -251,13 +257,15 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
 
 def run_training(spec: dict, base_model: Path, data_dir: Path, class_dir: Path | None, artifact_dir: Path,
                  work_dir: Path, log_path: Path, summary_path: Path, *, threads: int | None = None,
-                 device: str | None = None, on_step_end: StepHook | None = None) -> dict:
+                 device: str | None = None, on_step_end: StepHook | None = None,
+                 inputs: dict | None = None) -> dict:
     """Train spec["method"] on the dataset and write the artifact, the loss log and the summary.
 
     Checkpoints live in `work_dir` (not in `artifact_dir`, which Snakemake deletes when a job fails);
     a rerun with the same spec resumes from the last one, which is removed once the artifact is saved.
     `data_dir` may be None for methods that make their own data (DDPO). `device` defaults to CUDA
-    when available; `threads` caps torch's CPU threads.
+    when available; `threads` caps torch's CPU threads. `inputs` holds all the rule's named inputs
+    (methods with more than one image folder read theirs from it).
     """
     from ..methods import get_method
 
@@ -266,8 +274,10 @@ def run_training(spec: dict, base_model: Path, data_dir: Path, class_dir: Path |
     method = get_method(spec["method"])(spec.get("args", {}))
     ctx = TrainContext(spec=spec, base_model=Path(base_model), data_dir=Path(data_dir) if data_dir else None,
                        class_dir=Path(class_dir) if class_dir else None, device=runtime.pick_device(device),
-                       mixed_precision=cfg["mixed_precision"], gradient_checkpointing=cfg["gradient_checkpointing"])
-    summary = train(method, ctx, cfg, Path(work_dir), on_step_end=on_step_end)
+                       mixed_precision=cfg["mixed_precision"], gradient_checkpointing=cfg["gradient_checkpointing"],
+                       inputs={k: Path(v) for k, v in (inputs or {}).items()})
+    with stop_on_sigterm() as stop:
+        summary = train(method, ctx, cfg, Path(work_dir), on_step_end=on_step_end, stop=stop)
 
     t = time.perf_counter()
     with atomic_path(artifact_dir) as tmp:

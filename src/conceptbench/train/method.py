@@ -25,7 +25,7 @@ captions of a prepared dataset come from `conceptbench.data.read_prepared`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ class TrainContext:
     device: torch.device
     mixed_precision: str  # "no" | "fp16" | "bf16": frozen modules may be held in this dtype
     gradient_checkpointing: bool = False
+    # Every named input of the train rule (e.g. data_1, class_images_1 of a multi-concept run).
+    inputs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
