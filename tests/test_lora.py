@@ -119,3 +119,15 @@ def test_adapter_stays_fp32_over_a_bf16_base(tiny_pipeline_dir, caption_dir, tmp
     assert summary["final_loss"] is not None
     assert {p.dtype for p in method.params} == {torch.float32}
     assert method.unet.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_a_rank_larger_than_the_layer_is_refused_by_name(tiny_pipeline_dir):
+    from conceptbench.train.method import MethodError
+
+    unet = load_base_pipeline(tiny_pipeline_dir).unet
+    smallest = min(min(m.in_features, m.out_features) for n, m in unet.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")))
+    assert len(add_lora(unet, smallest)) > 0  # the largest rank that fits is accepted
+    unet = load_base_pipeline(tiny_pipeline_dir).unet
+    with pytest.raises(MethodError, match=rf"lora: rank {smallest + 1} is larger than layer \S+to_\w+"):
+        add_lora(unet, smallest + 1)

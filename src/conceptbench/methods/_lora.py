@@ -26,11 +26,22 @@ def add_lora(unet, rank: int, alpha: float | None = None, target_modules: Iterab
     """
     from peft import LoraConfig
 
+    from ..train.method import MethodError
+
     if int(rank) < 1:
-        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        raise MethodError(f"lora: rank must be at least 1, got {rank}")
+    targets = tuple(target_modules)
+    layers = {name: m for name, m in unet.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(name.endswith(f".{t}") for t in targets)}
+    if not layers:
+        raise MethodError(f"lora: no Linear layer of the U-Net matches target_modules {list(targets)}")
+    name, smallest = min(layers.items(), key=lambda item: min(item[1].in_features, item[1].out_features))
+    if int(rank) > min(smallest.in_features, smallest.out_features):
+        raise MethodError(f"lora: rank {rank} is larger than layer {name} ({smallest.in_features} in, "
+                          f"{smallest.out_features} out); a rank above min(in, out) adds nothing")
     unet.requires_grad_(False)
     config = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
-                        init_lora_weights=init, target_modules=list(target_modules))
+                        init_lora_weights=init, target_modules=list(targets))
     unet.add_adapter(config)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:

@@ -57,10 +57,9 @@ class TrainableTokens:
         self.embedding.register_forward_hook(self._replace)
 
     def _replace(self, module, inputs, output):
+        # No early return when no new token is present: testing for one would sync with the GPU.
         ids = inputs[0]
         new = ids >= self.first
-        if not bool(new.any()):
-            return output
         rows = self.vectors[(ids - self.first).clamp(0, len(self.ids) - 1)].to(output.dtype)
         return torch.where(new.unsqueeze(-1), rows, output)
 
