@@ -28,8 +28,19 @@ def step_done(step):  # called after the step and its checkpoint
     print(f"step {step} done", flush=True)
     time.sleep(pause)
 
-if task.pop("kind") == "train":
+kind = task.pop("kind")
+if kind == "train":
     run_training(**task, on_step_end=step_done)
+elif kind == "evaluate":
+    from conceptbench.metrics import evaluate
+    plain_open = evaluate._open_rgb
+    def slow_open(path):  # a pause per image, announced, so the kill lands mid-evaluation
+        print(f"scoring {path}", flush=True)
+        time.sleep(pause)
+        return plain_open(path)
+    evaluate._open_rgb = slow_open
+    evaluate.CHUNK = 1
+    evaluate.evaluate_samples(**task)
 else:
     from conceptbench import sample
     plain = sample.image_name
@@ -114,6 +125,31 @@ def test_sigkill_during_sampling_then_rerun_gives_the_same_images(tmp_path, drea
     run_driver(tmp_path, task(out))
     for png in sorted((tmp_path / "clean").glob("*.png")):
         assert (out / png.name).read_bytes() == png.read_bytes()
+
+
+def test_sigkill_during_evaluation_then_rerun_gives_the_same_scores(tmp_path, dreambooth_spec, tiny_pipeline_dir,
+                                                                   instance_dir):
+    from conceptbench.metrics.evaluate import embed_references
+    from conceptbench.models.tiny import build_tiny_dinov2, build_tiny_open_clip
+    from conceptbench.sample import run_sampling
+
+    clip, dino = build_tiny_open_clip(tmp_path / "clip"), build_tiny_dinov2(tmp_path / "dino")
+    samples = tmp_path / "samples"
+    cfg = dict(prompts=[{"prompt": "sks dog", "eval_prompt": "a dog"}], seeds=[0, 1, 2, 3], steps=2,
+               guidance_scale=7.5, batch_size=4, latency_repeats=0)
+    run_sampling(dreambooth_spec, tiny_pipeline_dir, tiny_pipeline_dir, cfg, samples)
+    refs = embed_references(instance_dir, clip, dino, tmp_path / "refs.safetensors")
+
+    def task(out, pause=0.0):
+        return dict(kind="evaluate", samples_dir=str(samples), refs_path=str(refs), clip_path=str(clip),
+                    dino_path=str(dino), aesthetic_path=None, out_csv=str(out), pause=pause)
+
+    run_driver(tmp_path, task(tmp_path / "clean.csv"))
+    out = tmp_path / "killed.csv"
+    run_driver(tmp_path, task(out, pause=0.5), kill_when=lambda line: "01_" in line or "_2.png" in line)
+    assert not out.exists()  # no half-written table for aggregate to read
+    run_driver(tmp_path, task(out))
+    assert out.read_bytes() == (tmp_path / "clean.csv").read_bytes()
 
 
 def test_full_disk_is_one_clear_line(tmp_path):
