@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	@echo "conceptbench: summary in results/tables/summary.md, report in $(REPORT)"
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 lint: $(VENV)/.installed
 	$(BIN)/snakemake --lint --configfile $(CONFIG)

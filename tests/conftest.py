@@ -74,3 +74,16 @@ def class_dir(tmp_path_factory):
 def dreambooth_spec():
     """A fresh, mutable copy of a short DreamBooth spec."""
     return copy.deepcopy(DREAMBOOTH_SPEC)
+
+
+@pytest.fixture(scope="session")
+def caption_dir(tmp_path_factory):
+    """Four 64x64 captioned images, in the layout prepare_dataset writes."""
+    folder = tmp_path_factory.mktemp("captions")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+        rows.append(f'{{"file_name": "{i:06d}.png", "text": "a drawing number {i}"}}')
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder

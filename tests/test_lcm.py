@@ -17,8 +17,6 @@ from conceptbench.methods.lcm import (
 from conceptbench.models.tiny import SD15_SCHEDULE
 from conceptbench.train import TrainContext, train, train_config
 
-from test_lora import caption_dir  # noqa: F401  (the captioned-images fixture)
-
 
 def test_pseudo_huber_loss_on_hand_cases():
     zero = torch.zeros(2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,22 +10,6 @@ from conceptbench.methods.lora import LoRA, min_snr_weights
 from conceptbench.methods._lora import add_lora, fuse_loras, save_lora
 from conceptbench.train import TrainContext, train, train_config
 from conceptbench.train.method import load_base_pipeline
-
-
-@pytest.fixture(scope="module")
-def caption_dir(tmp_path_factory):
-    """Four 64x64 captioned images, in the layout prepare_dataset writes."""
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("captions")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
-        rows.append(json.dumps({"file_name": f"{i:06d}.png", "text": f"a drawing number {i}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
 
 
 def unet_inputs():

@@ -8,7 +8,6 @@ CC12M ships), or images bundled with scikit-image for the embedded default. Noth
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 from typing import Iterator

@@ -26,6 +26,7 @@ import torch
 
 from ..train.method import (
     Method,
+    assemble_pipeline,
     MethodError,
     TrainContext,
     encode_latent_distribution,
@@ -184,16 +185,9 @@ class CustomDiffusion(Method):
 
     def pipeline(self):
         """The trained pipeline in memory (processors installed, modifier rows written)."""
-        from diffusers import StableDiffusionPipeline
-
         self.tokens.write_rows()
-        pipe = StableDiffusionPipeline(
-            vae=self.vae.to(self.device), text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.sample_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return assemble_pipeline(self.vae.to(self.device), self.text_encoder, self.tokenizer, self.unet,
+                                 self.sample_scheduler)
 
     def save(self, artifact_dir: Path) -> None:
         from safetensors.torch import save_file

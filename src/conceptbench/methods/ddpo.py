@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .. import runtime
-from ..train.method import Method, MethodError, TrainContext, encode_prompts, load_base_pipeline
+from ..train.method import (Method, MethodError, TrainContext, assemble_pipeline, encode_prompts,
+                            load_base_pipeline)
 from ._lora import add_lora, fuse_loras, save_lora
 from ._policy import guided_noise, per_prompt_advantages, ppo_loss, sample_trajectories, ddim_step_with_logprob
 from ._rewards import make_reward
@@ -151,13 +152,8 @@ class DDPO(Method):
         if self.use_lora:
             save_lora(self.unet, artifact_dir)
         else:
-            from diffusers import StableDiffusionPipeline
-
-            StableDiffusionPipeline(
-                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-                scheduler=self.sample_scheduler, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False,
-            ).save_pretrained(str(artifact_dir), safe_serialization=True)
+            assemble_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet,
+                              self.sample_scheduler).save_pretrained(str(artifact_dir), safe_serialization=True)
         rows = [dict(epoch=e, mean=m, std=s) for e, m, s in self.rewards]
         (Path(artifact_dir) / "rewards.json").write_text(json.dumps({"reward": self.reward_name, "epochs": rows}, indent=1))
 

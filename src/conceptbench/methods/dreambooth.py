@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..train.method import (
     Method,
+    assemble_pipeline,
     MethodError,
     TrainContext,
     encode_latent_distribution,
@@ -116,15 +117,7 @@ class DreamBooth(Method):
 
     def pipeline(self):
         """The trained pipeline in memory (components where training left them)."""
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.sample_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return assemble_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.sample_scheduler)
 
     def save(self, artifact_dir: Path) -> None:
         self.pipeline().save_pretrained(str(artifact_dir), safe_serialization=True)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..train.method import (
     Method,
+    assemble_pipeline,
     MethodError,
     TrainContext,
     encode_latent_distribution,
@@ -87,16 +88,9 @@ class TextualInversion(Method):
 
     def pipeline(self):
         """The trained pipeline in memory: the base models with the trained rows written in."""
-        from diffusers import StableDiffusionPipeline
-
         self.tokens.write_rows()
-        pipe = StableDiffusionPipeline(
-            vae=self.vae.to(self.device), text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.sample_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return assemble_pipeline(self.vae.to(self.device), self.text_encoder, self.tokenizer, self.unet,
+                                 self.sample_scheduler)
 
     def save(self, artifact_dir: Path) -> None:
         from safetensors.torch import save_file

@@ -124,6 +124,18 @@ class Method:
 # ---------------------------------------------------------------- helpers methods share
 
 
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline from in-memory parts, without safety checker: how methods save a
+    full pipeline folder or sample from what they trained."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_base_pipeline(base_model: Path, dtype: torch.dtype = torch.float32):
     """The base StableDiffusionPipeline on the CPU, without safety checker."""
     from diffusers import StableDiffusionPipeline
