@@ -87,3 +87,27 @@ def caption_dir(tmp_path_factory):
         rows.append(f'{{"file_name": "{i:06d}.png", "text": "a drawing number {i}"}}')
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return folder
+
+
+def overfit_losses(method, ctx, optimizer, lr: float, steps: int) -> list[float]:
+    """Set the method up, draw one batch, and fit it `steps` times; the losses, in order."""
+    import torch
+
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    batch = method.batch(0, g)
+    opt = optimizer(method.param_groups(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = method.loss(batch, g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def overfit():
+    """overfit_losses, for the methods' "loss falls on a fixed batch" tests."""
+    return overfit_losses

@@ -97,19 +97,9 @@ def test_multi_concept_trains_two_modifier_tokens_jointly(tiny_pipeline_dir, ins
             **{**ctx.__dict__, "inputs": {}}))
 
 
-def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, instance_dir):
+def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, instance_dir, overfit):
     method, ctx, _ = make(tiny_pipeline_dir, instance_dir, None)
-    method.setup(ctx)
-    g = torch.Generator().manual_seed(0)
-    batch = method.batch(0, g)
-    opt = torch.optim.Adam(method.param_groups(), lr=3e-2)
-    losses = []
-    for _ in range(20):
-        loss = method.loss(batch, g)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = overfit(method, ctx, torch.optim.Adam, lr=3e-2, steps=20)
     # The tiny U-Net's cross-attention carries little of its output: the loss levels off about 10 % lower.
     assert losses[-1] < 0.93 * losses[0], [round(x, 4) for x in losses]
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 17, [round(x, 4) for x in losses]

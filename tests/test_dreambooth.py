@@ -108,19 +108,9 @@ def test_prior_term_only_with_class_images_and_weight(tiny_pipeline_dir, instanc
         assert batch["prompt_index"].tolist() == list(range(rows))
 
 
-def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, instance_dir, class_dir, dreambooth_spec):
+def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, instance_dir, class_dir, dreambooth_spec, overfit):
     method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir)
-    method.setup(ctx)
-    g = torch.Generator().manual_seed(0)
-    batch = method.batch(0, g)
-    opt = torch.optim.AdamW(method.param_groups(), lr=1e-3)
-    losses = []
-    for _ in range(20):
-        loss = method.loss(batch, g)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = overfit(method, ctx, torch.optim.AdamW, lr=1e-3, steps=20)
     assert losses[-1] < 0.3 * losses[0], losses
 
 

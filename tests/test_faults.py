@@ -160,7 +160,7 @@ def test_full_disk_is_one_clear_line(tmp_path):
                 f.write("x" * 10)
                 f.flush()
     text = log.read_text()
-    assert "error: no space left on the device while writing" in text or "error: no space left on the device" in text
+    assert "error: no space left on the device" in text and "point `results:`" in text
     assert "Traceback" not in text
 
 

@@ -73,21 +73,11 @@ def test_saved_embedding_loads_to_the_same_text_embeddings(tiny_pipeline_dir, in
     assert not torch.allclose(prompt_embeds(base), trained)  # the comparison sees the new rows
 
 
-def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, instance_dir):
+def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, instance_dir, overfit):
     # Only 8 x 32 numbers train and the tiny random U-Net listens little to its prompt, so the loss
     # falls by about 1.5 per cent; with no gradient reaching the vectors it would not move at all.
     method, ctx, _ = make(tiny_pipeline_dir, instance_dir, num_vectors=8)
-    method.setup(ctx)
-    g = torch.Generator().manual_seed(0)
-    batch = method.batch(0, g)
-    opt = torch.optim.Adam(method.param_groups(), lr=0.1)
-    losses = []
-    for _ in range(30):
-        loss = method.loss(batch, g)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = overfit(method, ctx, torch.optim.Adam, lr=0.1, steps=30)
     assert losses[-1] < losses[0] - 0.01, losses
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 25, losses
 
