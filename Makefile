@@ -21,7 +21,12 @@ demo: $(VENV)/.installed
 	$(BIN)/snakemake --configfile $(CONFIG) --report $(REPORT)
 	@echo "conceptbench: summary in results/tables/summary.md, report in $(REPORT)"
 
-test: $(VENV)/.installed
+# The tests also cover the optional 8-bit AdamW (the `8bit` extra, bitsandbytes).
+$(VENV)/.installed-8bit: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --editable '.[8bit]'
+	touch $@
+
+test: $(VENV)/.installed-8bit
 	$(BIN)/python -m pytest --durations=15
 
 lint: $(VENV)/.installed

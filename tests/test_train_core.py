@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -150,13 +151,11 @@ def test_mixed_precision_keeps_fp32_trainables(tmp_path, precision):
     assert summary["mixed_precision"] == precision and len(rows) == 6
 
 
-def test_config_errors(tmp_path):
+def test_config_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown train settings"):
         train_config({"train": {"steps": 1, "learning_rate": 1.0, "checkpointing_every": 3}})
     with pytest.raises(ConfigError, match="lack"):
         train_config({"train": {"steps": 1}})
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="bitsandbytes"):
-            toy_run(tmp_path, optimizer="adamw8bit")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if the 8bit extra were not installed
+    with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install 'conceptbench\[8bit\]'"):
+        toy_run(tmp_path, optimizer="adamw8bit")
