@@ -134,10 +134,13 @@ def test_a_brightness_reward_moves_brightness_its_way(tiny_pipeline_dir, tmp_pat
     monkeypatch.setattr(ddpo_module, "make_reward",
                         lambda name, models, device: lambda images, prompts: sign * images.float().mean(dim=(1, 2, 3)))
     per_prompt, epochs = 8, 4
+    # This learning rate moves the reward by 1-3 sample stds per epoch, so earlier epochs' rewards would be a
+    # lagging baseline: per-batch statistics (stat_buffer_size 0), as ddpo-pytorch without stat tracking.
     spec = {"experiment": "ddpo", "variant": "lora-false", "method": "ddpo", "seed": 0, "resolution": 64,
             "train": {"steps": epochs, "learning_rate": 1e-3, "adam_weight_decay": 0.0, "checkpoint_every": 0},
             "args": {"reward": "brightness", "prompts": ["a cat"], "samples_per_prompt": per_prompt, "sample_steps": 4,
-                     "guidance_scale": 1.0, "inner_epochs": 1, "clip_range": 0.2, "use_lora": False}}
+                     "guidance_scale": 1.0, "inner_epochs": 1, "clip_range": 0.2, "use_lora": False,
+                     "stat_buffer_size": 0, "stat_min_count": 2}}
     method = _LatentImageDDPO(spec["args"])
     ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=None, class_dir=None,
                        device=torch.device("cpu"), mixed_precision="no")
@@ -147,3 +150,61 @@ def test_a_brightness_reward_moves_brightness_its_way(tiny_pipeline_dir, tmp_pat
     # After three PPO updates the samples moved the reward's way by well over the noise of a
     # difference of two 8-sample means (std ~0.008, so 3 standard errors ~0.013; the move is ~0.03-0.07).
     assert sign * (brightness[-1] - brightness[0]) > 3 * spread * math.sqrt(2 / per_prompt), (brightness, spread)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after(k):
+    def hook(step):
+        if step == k:
+            raise _Crash(f"simulated crash after step {k}")
+
+    return hook
+
+
+class _ForgetfulDDPO(_LatentImageDDPO):
+    """Resumes without the reward history, as a checkpoint lacking it would."""
+
+    def load_state_dict(self, state):
+        super().load_state_dict({k: v for k, v in state.items() if k != "reward_stats"})
+
+
+def test_ddpo_resume_is_bitwise_identical_with_the_reward_history(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import conceptbench.methods.ddpo as ddpo_module
+
+    monkeypatch.setattr(ddpo_module, "make_reward",
+                        lambda name, models, device: lambda images, prompts: images.float().mean(dim=(1, 2, 3)))
+    # Two rewards per prompt per epoch and min_count 4: epoch 0 falls back to the batch, epoch 1 uses the
+    # prompt's buffer, so the resumed step 2 (epoch 1) needs epoch 0's rewards from the checkpoint.
+    # The full U-Net, because a LoRA's random initialisation is not drawn from the run's seed.
+    spec = {"experiment": "ddpo", "variant": "lora-false", "method": "ddpo", "seed": 0, "resolution": 32,
+            "train": {"steps": 2, "learning_rate": 1e-3, "adam_weight_decay": 0.0, "checkpoint_every": 1},
+            "args": {"reward": "brightness", "prompts": ["a cat", "a dog"], "samples_per_prompt": 2, "sample_steps": 2,
+                     "guidance_scale": 1.0, "clip_range": 0.2, "timestep_fraction": 0.5, "use_lora": False,
+                     "stat_buffer_size": 4, "stat_min_count": 4}}
+
+    def run(name, cls=_LatentImageDDPO, hook=None):
+        method = cls(spec["args"])
+        ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=None, class_dir=None,
+                           device=torch.device("cpu"), mixed_precision="no")
+        return method, train(method, ctx, train_config(spec), tmp_path / name, on_step_end=hook)
+
+    whole, _ = run("whole")
+    with pytest.raises(_Crash):
+        run("resumed", hook=_crash_after(1))
+    shutil.copytree(tmp_path / "resumed", tmp_path / "forgetful")
+    resumed, summary = run("resumed")
+    forgetful, _ = run("forgetful", _ForgetfulDDPO)
+
+    assert summary["resumed_from_step"] == 1
+    assert all(len(v) == 4 for v in whole.stats.history.values()) and len(whole.stats.history) == 2
+    assert resumed.stats.history == whole.stats.history
+    assert torch.equal(resumed.buffer["advantages"], whole.buffer["advantages"])
+    assert all(torch.equal(a, b) for a, b in zip(whole.params, resumed.params, strict=True))
+    # Without the history, epoch 1's advantages come from its batch and the update differs.
+    assert not torch.equal(forgetful.buffer["advantages"], whole.buffer["advantages"])
+    assert not all(torch.equal(a, b) for a, b in zip(whole.params, forgetful.params, strict=True))

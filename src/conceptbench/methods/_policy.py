@@ -1,5 +1,6 @@
 """The denoising loop as a policy (DDPO, Black et al. 2023): DDIM steps with log-probabilities,
-trajectories with classifier-free guidance, per-prompt advantages and the clipped PPO objective.
+trajectories with classifier-free guidance, per-prompt advantages (over a reward history) and the clipped
+PPO objective.
 
 Ideas follow kvablack/ddpo-pytorch (ddim_with_logprob.py, stat_tracking.py, train.py), written anew
 for diffusers' DDIMScheduler, whose step() returns no log-probability.
@@ -8,6 +9,7 @@ for diffusers' DDIMScheduler, whose step() returns no log-probability.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 
@@ -91,19 +93,53 @@ def sample_trajectories(unet, scheduler, cond: torch.Tensor, uncond: torch.Tenso
                 timesteps=scheduler.timesteps.clone())
 
 
+class RewardStats:
+    """Per-prompt reward history for DDPO's advantages (idea from ddpo-pytorch's PerPromptStatTracker).
+
+    Keeps, per prompt text, a deque of its last `buffer_size` rewards across epochs. `advantages` adds
+    this batch's rewards to each prompt's deque, then normalises them, (r − mean) / (std + eps), by the
+    deque's mean and std once it holds at least `min_count` rewards, else by the whole batch's. With
+    `buffer_size` 0 nothing is kept and the statistics are this batch's samples of the prompt only
+    (with min_count 2: the per-batch normalisation of `per_prompt_advantages`). std is the population
+    std (ddof 0), computed in float32. `state_dict` holds the history as plain floats (checkpointable).
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16, eps: float = 1e-6):
+        self.buffer_size, self.min_count, self.eps = int(buffer_size), int(min_count), eps
+        self.history: dict[str, deque] = {}
+
+    def advantages(self, rewards: torch.Tensor, prompts: list) -> torch.Tensor:
+        """Advantages for `rewards` [N] of samples from `prompts` (N keys: texts, or ids), updating the history."""
+        rewards = rewards.detach().float().cpu()
+        if len(prompts) != rewards.numel():
+            raise ValueError(f"RewardStats: {rewards.numel()} rewards but {len(prompts)} prompts")
+        adv = torch.empty_like(rewards)
+        glob = (rewards.mean(), rewards.std(unbiased=False) if rewards.numel() > 1 else torch.tensor(0.0))
+        for prompt in dict.fromkeys(prompts):  # in order of first appearance
+            mask = torch.tensor([p == prompt for p in prompts])
+            r = rewards[mask]
+            pool = r
+            if self.buffer_size:
+                kept = self.history.setdefault(prompt, deque(maxlen=self.buffer_size))
+                kept.extend(r.tolist())
+                pool = torch.tensor(list(kept), dtype=torch.float32)
+            mean, std = (pool.mean(), pool.std(unbiased=False)) if pool.numel() >= self.min_count else glob
+            adv[mask] = (r - mean) / (std + self.eps)
+        return adv
+
+    def state_dict(self) -> dict:
+        return {"history": {prompt: list(kept) for prompt, kept in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {prompt: deque(values, maxlen=self.buffer_size)
+                        for prompt, values in state["history"].items()} if self.buffer_size else {}
+
+
 def per_prompt_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, min_count: int = 2,
                           eps: float = 1e-6) -> torch.Tensor:
-    """(r − mean) / (std + eps) within each prompt's samples; prompts with fewer than `min_count`
-    samples use the batch's mean and std. std is the population std (ddof 0)."""
-    rewards = rewards.float()
-    adv = torch.empty_like(rewards)
-    glob = (rewards.mean(), rewards.std(unbiased=False)) if rewards.numel() > 1 else (rewards.mean(), torch.tensor(0.0))
-    for p in prompt_ids.unique():
-        mask = prompt_ids == p
-        r = rewards[mask]
-        mean, std = (r.mean(), r.std(unbiased=False)) if r.numel() >= min_count else glob
-        adv[mask] = (r - mean) / (std + eps)
-    return adv
+    """(r − mean) / (std + eps) within each prompt's samples of this batch; prompts with fewer than
+    `min_count` samples use the batch's mean and std. std is the population std (ddof 0)."""
+    return RewardStats(0, min_count, eps).advantages(rewards, prompt_ids.tolist())
 
 
 def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,

@@ -3,14 +3,21 @@
 Denoising is an MDP: a state is (prompt, t, x_t), an action the DDIM (eta = 1) step to x_{t-1}, whose
 Gaussian log-probability ddim_step_with_logprob gives. Every `inner_epochs` training steps the current
 policy samples a batch of trajectories with classifier-free guidance; their final images are scored by
-the reward (the LAION aesthetic predictor by default), normalised per prompt into advantages, and each
+the reward (the LAION aesthetic predictor by default) and normalised per prompt into advantages, and each
 training step minimises the clipped PPO surrogate over the batch's (sample, timestep) pairs. With
 gradient_accumulation_steps = m the pairs are split into m micro-batches (ddpo-pytorch accumulates
 over timesteps the same way). The method makes its own data: no dataset.
 
+Advantages, as ddpo-pytorch's per-prompt stat tracking: each prompt keeps its last `stat_buffer_size`
+rewards across epochs (default 16, as ddpo-pytorch); once that buffer holds `stat_min_count` (default 16)
+a sample's advantage is (r − mean) / std over its prompt's buffer, before that over the whole batch. In
+the study (8 samples per prompt per epoch) one epoch alone gives a noisy std; 16 is this epoch's and the
+last one's. stat_buffer_size 0 uses this epoch's samples of the prompt only (stat_min_count 2 gives the per-batch
+normalisation of earlier versions). The history is part of the checkpoint, so a resume is exact.
+
 args: prompts (a list, or "animals"), reward (aesthetic | brightness), sample_steps, eta, guidance_scale,
 samples_per_prompt, prompts_per_epoch, inner_epochs, clip_range, adv_clip_max, timestep_fraction,
-use_lora, lora_rank.
+stat_buffer_size, stat_min_count, use_lora, lora_rank.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from .. import runtime
 from ..train.method import (Method, MethodError, TrainContext, assemble_pipeline, encode_prompts,
                             load_base_pipeline)
 from ._lora import add_lora, fuse_loras, save_lora
-from ._policy import guided_noise, per_prompt_advantages, ppo_loss, sample_trajectories, ddim_step_with_logprob
+from ._policy import RewardStats, guided_noise, ppo_loss, sample_trajectories, ddim_step_with_logprob
 from ._rewards import make_reward
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,20 @@ def prompt_list(value) -> list[str]:
     return list(value)
 
 
+def reward_stats(buffer_size: int, min_count: int, samples_per_prompt: int) -> RewardStats:
+    """args.stat_buffer_size / stat_min_count, checked against what one epoch puts in a buffer."""
+    if buffer_size < 0 or min_count < 1:
+        raise MethodError(f"ddpo: args.stat_buffer_size must be >= 0 and args.stat_min_count >= 1 "
+                          f"(got {buffer_size}, {min_count})")
+    if 0 < buffer_size < samples_per_prompt:
+        raise MethodError(f"ddpo: args.stat_buffer_size {buffer_size} is below args.samples_per_prompt "
+                          f"{samples_per_prompt}: the buffer would drop part of an epoch's own samples")
+    if buffer_size and min_count > buffer_size:
+        raise MethodError(f"ddpo: args.stat_min_count {min_count} exceeds args.stat_buffer_size {buffer_size}: "
+                          "the buffer's statistics would never be used")
+    return RewardStats(buffer_size, min_count)
+
+
 class DDPO(Method):
     name = "ddpo"
 
@@ -67,6 +88,8 @@ class DDPO(Method):
         self.device, self.seed = ctx.device, ctx.seed
         if self.inner_epochs < 1 or self.per_prompt < 1:
             raise MethodError("ddpo: args.inner_epochs and args.samples_per_prompt must be at least 1")
+        self.stats = reward_stats(int(self.arg("stat_buffer_size", 16)), int(self.arg("stat_min_count", 16)),
+                                  self.per_prompt)
         self.reward_name = self.arg("reward", "aesthetic")
         self.reward = make_reward(self.reward_name, ctx.inputs, ctx.device)
 
@@ -110,11 +133,12 @@ class DDPO(Method):
         x0 = traj["latents"][:, -1]
         images = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         images = (images.float() / 2 + 0.5).clamp(0, 1)
-        rewards = self.reward(images, [self.prompts[i] for i in ids]).float().cpu()
+        texts = [self.prompts[i] for i in ids]
+        rewards = self.reward(images, texts).float().cpu()
         self.rewards.append([epoch, rewards.mean().item(), rewards.std(unbiased=False).item()])
         log.info("ddpo epoch %d: mean reward %.5g over %d samples", epoch, rewards.mean().item(), len(rewards))
         return dict(latents=traj["latents"], log_probs=traj["log_probs"], timesteps=traj["timesteps"],
-                    advantages=per_prompt_advantages(rewards, ids).to(self.device), prompt_ids=ids.to(self.device))
+                    advantages=self.stats.advantages(rewards, texts).to(self.device), prompt_ids=ids.to(self.device))
 
     def batch(self, step: int, generator: torch.Generator) -> dict:
         """This micro-batch's (sample, timestep) pairs; new trajectories at the start of each epoch."""
@@ -142,11 +166,16 @@ class DDPO(Method):
         return ppo_loss(log_prob, buf["log_probs"][i, j], buf["advantages"][i], self.clip_range, self.adv_clip_max)
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer or {}, "buffer_epoch": self.buffer_epoch, "rewards": self.rewards}
+        return {"buffer": self.buffer or {}, "buffer_epoch": self.buffer_epoch, "rewards": self.rewards,
+                "reward_stats": self.stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer = {k: v.to(self.device) for k, v in state["buffer"].items()} or None
         self.buffer_epoch, self.rewards = int(state["buffer_epoch"]), [list(r) for r in state["rewards"]]
+        if "reward_stats" in state:
+            self.stats.load_state_dict(state["reward_stats"])
+        else:
+            log.warning("ddpo: the checkpoint has no reward history (written before it was kept): it starts empty")
 
     def save(self, artifact_dir: Path) -> None:
         if self.use_lora:
