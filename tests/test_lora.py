@@ -92,6 +92,23 @@ def test_trained_lora_saves_loads_and_only_the_adapter_trains(tiny_pipeline_dir,
     torch.testing.assert_close(output(pipe.unet), trained, atol=1e-5, rtol=1e-4)
 
 
+def test_the_adapter_init_follows_the_seed_not_the_process_history(tiny_pipeline_dir, caption_dir, tmp_path):
+    """peft draws lora_A from the global generator; training seeds it from the spec before setup."""
+    def trained(seed, tag):
+        spec = {"experiment": "lora", "variant": "rank-4", "method": "lora", "seed": seed, "resolution": 64,
+                "train": {"steps": 1, "learning_rate": 1e-2, "checkpoint_every": 0}, "args": {"rank": 4}}
+        method = LoRA(spec["args"])
+        ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=caption_dir, class_dir=None,
+                           device=torch.device("cpu"), mixed_precision="no")
+        torch.randn(7)  # whatever ran before in this process
+        train(method, ctx, train_config(spec), tmp_path / tag)
+        return {k: v.clone() for k, v in method.unet.state_dict().items() if "lora_A" in k}
+
+    first, again, other = trained(0, "a"), trained(0, "b"), trained(1, "c")
+    assert first and all(torch.equal(v, again[k]) for k, v in first.items())
+    assert not all(torch.equal(v, other[k]) for k, v in first.items())
+
+
 def test_adapter_stays_fp32_over_a_bf16_base(tiny_pipeline_dir, caption_dir, tmp_path):
     spec = {"seed": 0, "resolution": 64, "train": {"steps": 1, "learning_rate": 1e-3, "mixed_precision": "bf16"},
             "args": {"rank": 4}}

@@ -175,6 +175,7 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
     runtime.reset_peak_memory(device)
 
     t_setup = time.perf_counter()
+    torch.manual_seed(seed)  # what setup draws (e.g. peft's LoRA init uses the global generator) follows the seed
     method.setup(ctx)
     groups = method.param_groups()
     params = trainable_tensors(groups)
