@@ -8,8 +8,11 @@ hub is needed): `--size full` is SD v1.5's architecture, `--size tiny` the embed
 components. Training runs the real loop (train.core.train) on each method family's trainable set,
 built with the method modules' own helpers; sampling times the stock pipeline through
 sample.pipeline_latency, plain and with the fast paths (fastpaths.py). Each timing is set against
-its FLOP floor: FLOPs counted with torch's FlopCounterMode on the built models, divided by the
-device peak given by --peak-flops (default 800e12, an H100 SXM's dense bf16 rate rounded down).
+its FLOP floor: FLOPs counted with torch's FlopCounterMode on the same models built on the meta device
+(shapes only: the same count on every machine, in seconds even at full size), divided by the device
+peak given by --peak-flops: by default 800e12, the speed issue's figure and about what a large bf16
+matrix product attains on an H100 (the datasheet's dense peak is 989e12). `--flops-only` writes the
+counts and floors without timing anything.
 Writes bench.json and bench.md into --out.
 """
 
@@ -51,6 +54,7 @@ FAMILIES = ("dreambooth", "lora", "textual_inversion", "custom_diffusion")
 SAMPLERS = {"cfg30": dict(steps=30, guidance_scale=7.5, lcm=False),  # the study's sampler
             "lcm4": dict(steps=4, guidance_scale=8.0, lcm=True)}    # LCM: guidance embedded, no CFG batch
 PROMPT = "a photo of a dog in a bucket"
+META = torch.device("meta")
 
 
 def build(size: str, lcm: bool = False):
@@ -157,6 +161,45 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
+def train_flops(family: str, size: str, rank: int) -> dict:
+    """FLOPs of one training step of `family` and its trainable parameters, counted on the meta device.
+
+    One forward and backward without gradient checkpointing's recompute: the model's own work. (On real
+    CPU tensors FlopCounterMode would miss attention, whose CPU SDPA kernel it has no formula for.)
+    """
+    ctx = TrainContext(spec={"seed": 0, "resolution": SIZES[size]["resolution"]}, base_model=Path("."),
+                       data_dir=None, class_dir=None, device=META, mixed_precision="no")
+    with META:
+        method = BenchMethod(family, build(size), rank=rank)
+        method.setup(ctx)
+
+    def step():
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            batch = method.batch(0, g)
+        method.loss(batch, g).backward()
+
+    return dict(batch_latents=method.n, trainable_params=sum(p.numel() for p in method.params),
+                flops_per_step=count_flops(step))
+
+
+def sampling_flops(size: str, sampler: str) -> int:
+    """FLOPs of one image, counted on the meta device: the U-Net forwards (two latents a step with CFG)
+    plus one VAE decode; the text encoder runs once per prompt and is left out."""
+    s, spec = SAMPLERS[sampler], SIZES[size]
+    side = spec["resolution"] // 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+    n = 1 if s["lcm"] else 2
+    with META:
+        pipe = build(size, lcm=s["lcm"])
+        latent = torch.empty(n, 4, side, side)
+        text = torch.empty(n, 77, pipe.unet.config.cross_attention_dim)
+        extra = {"timestep_cond": torch.empty(n, pipe.unet.config.time_cond_proj_dim)} if s["lcm"] else {}
+    with torch.no_grad():
+        unet = count_flops(lambda: pipe.unet(latent, 500, text, **extra))
+        vae = count_flops(lambda: pipe.vae.decode(latent[:1]))
+    return s["steps"] * unet + vae
+
+
 def bench_train(family: str, args, device: torch.device) -> dict:
     """Steps/s (median step after warm-up) and peak memory of `family` in the real training loop."""
     method = BenchMethod(family, build(args.size), rank=args.lora_rank)
@@ -176,41 +219,15 @@ def bench_train(family: str, args, device: torch.device) -> dict:
     with tempfile.TemporaryDirectory() as work:
         summary = train(method, ctx, cfg, Path(work), on_step_end=stamp)
     step_ms = statistics.median((b - a) * 1000 for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:]))
-
-    def one_step():
-        g = torch.Generator().manual_seed(0)
-        with runtime.autocast(device, args.mixed_precision):
-            with torch.no_grad():
-                b = method.batch(0, g)
-            loss = method.loss(b, g)
-        loss.backward()
-
-    flops = count_flops(one_step)
-    floor_ms = flops / args.peak_flops * 1000
-    return dict(method=family, batch_latents=method.n, trainable_params=summary["trainable_params"],
-                step_ms=step_ms, steps_per_s=1000 / step_ms, timed_steps=args.train_steps,
+    return dict(step_ms=step_ms, steps_per_s=1000 / step_ms, timed_steps=args.train_steps,
                 peak_mem_bytes=summary["peak_mem_bytes"], peak_mem_source=summary["peak_mem_source"],
-                flops_per_step=flops, floor_ms=floor_ms, ratio_to_floor=step_ms / floor_ms,
                 mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                 optimizer=args.optimizer)
 
 
-def sampling_flops(size: str, steps: int, cfg: bool, device: torch.device) -> int:
-    """U-Net forwards (2 latents per step with CFG) plus one VAE decode, counted on the built models."""
-    pipe = build(size).to(device)
-    spec = SIZES[size]
-    side = spec["resolution"] // 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
-    n = 2 if cfg else 1
-    latent = torch.randn(n, 4, side, side, device=device)
-    text = torch.randn(n, 77, pipe.unet.config.cross_attention_dim, device=device)
-    with torch.no_grad():
-        unet = count_flops(lambda: pipe.unet(latent, 500, text))
-        vae = count_flops(lambda: pipe.vae.decode(latent[:1]))
-    return steps * unet + vae
-
-
-def bench_sample(sampler: str, profile: str, args, device: torch.device, flops: int) -> dict:
-    """Latency of one image (median of --repeats after --warmup) with the plain or the fast settings."""
+def bench_sample(sampler: str, profile: str, args, device: torch.device) -> dict:
+    """Latency per image (median call of --repeats after --sample-warmup, over --sample-batch images a call)
+    with the plain or the fast settings."""
     s = SAMPLERS[sampler]
     fast = dict(dtype=args.fast_dtype, attention="sdpa_fused", channels_last=True, tf32=True,
                 compile=args.compile, compile_mode=args.compile_mode)
@@ -218,13 +235,12 @@ def bench_sample(sampler: str, profile: str, args, device: torch.device, flops: 
     cfg = fast if profile == "fast" else plain
     pipe = build(args.size, lcm=s["lcm"]).to(device, runtime.torch_dtype(cfg["dtype"]))
     applied = apply_fast_paths(pipe, cfg)
+    batch = args.sample_batch
     lat = pipeline_latency(pipe, PROMPT, s["steps"], s["guidance_scale"], SIZES[args.size]["resolution"],
-                           warmup=args.sample_warmup, repeats=args.repeats)
-    floor_ms = flops / args.peak_flops * 1000
-    return dict(sampler=sampler, profile=profile, dtype=cfg["dtype"], steps=s["steps"], median_ms=lat["median_ms"],
-                repeats=args.repeats, first_call_ms=lat["warmup_ms"][0],
+                           warmup=args.sample_warmup, repeats=args.repeats, batch_size=batch)
+    return dict(profile=profile, dtype=cfg["dtype"], batch_size=batch, median_ms=lat["median_ms"],
+                ms_per_image=lat["median_ms"] / batch, repeats=args.repeats, first_call_ms=lat["warmup_ms"][0],
                 compile_s=(lat["warmup_ms"][0] - lat["median_ms"]) / 1000 if cfg["compile"] else None,
-                flops_per_image=flops, floor_ms=floor_ms, ratio_to_floor=lat["median_ms"] / floor_ms,
                 fast_paths=applied)
 
 
@@ -242,23 +258,34 @@ def machine(device: torch.device) -> dict:
                 diffusers=diffusers.__version__, python=platform.python_version())
 
 
+def _cell(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """A table cell: the value formatted, or "–" where the row has none (e.g. no timings with --flops-only)."""
+    value = row.get(key)
+    return "–" if value is None else format(value if scale == 1 else value / scale, fmt)
+
+
 def markdown(result: dict) -> str:
     m, a = result["machine"], result["settings"]
-    gib = 2**30
+    timed = "" if not a["flops_only"] else " FLOPs only: nothing timed."
     lines = [f"Device: {m['device']} ({m['device_name']}), {m['cpu_threads']} CPU threads; torch {m['torch']}, "
-             f"diffusers {m['diffusers']}. Size {a['size']}; floor at {a['peak_flops']:.3g} FLOP/s.", "",
-             "| training | trainable params | steps/s | ms/step | peak memory (GiB) | TFLOP/step | × floor |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"diffusers {m['diffusers']}. Size {a['size']}; floor at {a['peak_flops']:.3g} FLOP/s.{timed}"]
+    if result["train"]:
+        lines += ["", "| training | trainable params | steps/s | ms/step | peak memory (GiB) | TFLOP/step | floor (ms) "
+                  "| × floor |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["train"]:
         lines.append(f"| {r['method']} ({r['batch_latents']} latent{'s' if r['batch_latents'] > 1 else ''}) | "
-                     f"{r['trainable_params']:,} | {r['steps_per_s']:.3g} | {r['step_ms']:.4g} | "
-                     f"{r['peak_mem_bytes'] / gib:.2f} | {r['flops_per_step'] / 1e12:.3g} | {r['ratio_to_floor']:.3g} |")
-    lines += ["", "| sampling | profile | ms/image (median) | n | compile (s) | floor (ms) | × floor |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+                     f"{r['trainable_params']:,} | {_cell(r, 'steps_per_s', '.3g')} | {_cell(r, 'step_ms', '.4g')} | "
+                     f"{_cell(r, 'peak_mem_bytes', '.2f', 2**30)} | {_cell(r, 'flops_per_step', '.3g', 1e12)} | "
+                     f"{_cell(r, 'floor_ms', '.3g')} | {_cell(r, 'ratio_to_floor', '.3g')} |")
+    if result["sample"]:
+        lines += ["", "| sampling | profile | batch | ms/image (median) | n | compile (s) | TFLOP/image | floor (ms) "
+                  "| × floor |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["sample"]:
-        comp = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–"
-        lines.append(f"| {r['sampler']} | {r['profile']} ({r['dtype']}, {r['fast_paths']['attention']}) | "
-                     f"{r['median_ms']:.4g} | {r['repeats']} | {comp} | {r['floor_ms']:.3g} | {r['ratio_to_floor']:.3g} |")
+        profile = f"{r['profile']} ({r['dtype']}, {r['fast_paths']['attention']})" if "profile" in r else "–"
+        lines.append(f"| {r['sampler']} ({r['steps']} steps) | {profile} | {_cell(r, 'batch_size', 'd')} | "
+                     f"{_cell(r, 'ms_per_image', '.4g')} | {_cell(r, 'repeats', 'd')} | {_cell(r, 'compile_s', '.1f')} | "
+                     f"{_cell(r, 'flops_per_image', '.3g', 1e12)} | {_cell(r, 'floor_ms', '.3g')} | "
+                     f"{_cell(r, 'ratio_to_floor', '.3g')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,6 +301,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="untimed training steps")
     ap.add_argument("--repeats", type=int, default=None, help="timed images (default 10 full, 3 tiny)")
     ap.add_argument("--sample-warmup", type=int, default=1)
+    ap.add_argument("--sample-batch", type=int, default=1, help="images per pipeline call (the study: 1)")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                     help="training autocast (default bf16 on cuda, no on cpu)")
@@ -282,12 +310,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fast-dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
     ap.add_argument("--compile", action="store_true", help="torch.compile the U-Net in the fast profile")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
-    ap.add_argument("--peak-flops", type=float, default=800e12, help="device peak FLOP/s for the floor")
+    ap.add_argument("--peak-flops", type=float, default=800e12,
+                    help="device FLOP/s for the floor (default: an H100's attainable bf16 matmul rate)")
+    ap.add_argument("--flops-only", action="store_true", help="count FLOPs and floors; time nothing")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     full = args.size == "full"
     args.train_steps = args.train_steps or (10 if full else 3)
     args.repeats = args.repeats or (10 if full else 3)
+    if args.sample_batch < 1:
+        ap.error("--sample-batch must be at least 1")
     if args.warmup < 1:
         ap.error("--warmup must be at least 1 (the first step is never timed)")
     return args
@@ -303,16 +335,28 @@ def run(argv=None) -> dict:
     for family in filter(None, args.methods.split(",")):
         if family not in FAMILIES:
             raise SystemExit(f"--methods: unknown {family!r}; known: {', '.join(FAMILIES)}")
-        result["train"].append(bench_train(family, args, device))
-        print(result["train"][-1], flush=True)
+        row = dict(method=family, **train_flops(family, args.size, args.lora_rank))
+        row["floor_ms"] = row["flops_per_step"] / args.peak_flops * 1000
+        if not args.flops_only:
+            row.update(bench_train(family, args, device))
+            row["ratio_to_floor"] = row["step_ms"] / row["floor_ms"]
+        result["train"].append(row)
+        print(row, flush=True)
         free_memory(device)
     for sampler in filter(None, args.samplers.split(",")):
-        s = SAMPLERS[sampler]
-        flops = sampling_flops(args.size, s["steps"], not s["lcm"], device)
-        for profile in filter(None, args.profiles.split(",")):
-            result["sample"].append(bench_sample(sampler, profile, args, device, flops))
-            print(result["sample"][-1], flush=True)
+        if sampler not in SAMPLERS:
+            raise SystemExit(f"--samplers: unknown {sampler!r}; known: {', '.join(SAMPLERS)}")
+        flops = sampling_flops(args.size, sampler)
+        base = dict(sampler=sampler, steps=SAMPLERS[sampler]["steps"], flops_per_image=flops,
+                    floor_ms=flops / args.peak_flops * 1000)
+        for profile in [] if args.flops_only else filter(None, args.profiles.split(",")):
+            row = dict(base, **bench_sample(sampler, profile, args, device))
+            row["ratio_to_floor"] = row["ms_per_image"] / row["floor_ms"]
+            result["sample"].append(row)
+            print(row, flush=True)
             free_memory(device)
+        if args.flops_only:
+            result["sample"].append(base)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "bench.json", result)
     write_text(args.out / "bench.md", markdown(result))

@@ -80,18 +80,18 @@ def measure_latency(fn: Callable[[], object], warmup: int = 1, repeats: int = 5,
 
 
 def pipeline_latency(pipe, prompt: str, steps: int, guidance_scale: float, resolution: int,
-                     warmup: int = 1, repeats: int = 5, seed: int = 0, **call_kwargs) -> dict:
-    """Latency of generating one image (batch 1) with `pipe`, end to end including VAE decode."""
+                     warmup: int = 1, repeats: int = 5, seed: int = 0, batch_size: int = 1, **call_kwargs) -> dict:
+    """Latency of one call making `batch_size` images (default 1) with `pipe`, end to end including VAE decode."""
     pipe.set_progress_bar_config(disable=True)
 
-    def one_image():
+    def one_call():
         return pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
                     guidance_scale=guidance_scale, height=resolution, width=resolution,
-                    output_type="pil", **call_kwargs)
+                    num_images_per_prompt=batch_size, output_type="pil", **call_kwargs)
 
     device = pipe.device
-    stats = measure_latency(one_image, warmup=warmup, repeats=repeats, sync=lambda: runtime.synchronize(device))
-    return dict(stats, steps=steps, guidance_scale=guidance_scale, resolution=resolution, batch_size=1,
+    stats = measure_latency(one_call, warmup=warmup, repeats=repeats, sync=lambda: runtime.synchronize(device))
+    return dict(stats, steps=steps, guidance_scale=guidance_scale, resolution=resolution, batch_size=batch_size,
                 device=str(device), dtype=str(pipe.dtype).removeprefix("torch."))
 
 
