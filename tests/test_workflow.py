@@ -82,6 +82,21 @@ def test_study_dry_run_lists_the_whole_study(tmp_path):
         assert f"/{name}/artifact" in proc.stdout
 
 
+@pytest.mark.parametrize("on_submit_host", [True, False])
+def test_downloads_run_on_the_submit_host_unless_told_otherwise(tmp_path, on_submit_host):
+    """A dry-run never says which jobs are local, so this asks the parsed workflow (Snakemake's API)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
+
+    config = {"cluster": {"fetch_on_submit_host": on_submit_host}}
+    with SnakemakeApi(OutputSettings(quiet=True)) as api:
+        parsed = api.workflow(resource_settings=ResourceSettings(), storage_settings=StorageSettings(),
+                              config_settings=ConfigSettings(configfiles=[ROOT / "config/config.yaml"], config=config),
+                              snakefile=ROOT / "Snakefile", workdir=tmp_path)
+        local = set(parsed._workflow._localrules)  # what a cluster executor runs in the snakemake process
+    assert local == ({"fetch_model", "fetch_dataset"} if on_submit_host else set())
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     cfg = copy.deepcopy(TINY)
     cfg["experiments"]["dreambooth"]["train"]["steps"] = -1

@@ -14,6 +14,8 @@ rule fetch_dataset:
     resources:
         mem_mb=4000,
         runtime=240,
+    # Downloads need the internet, which compute nodes often lack (config cluster.fetch_on_submit_host).
+    localrule: config["cluster"]["fetch_on_submit_host"]
     conda:
         "../../envs/torch.yaml"
     script:

@@ -32,6 +32,8 @@ rule fetch_model:
     resources:
         mem_mb=8000,
         runtime=120,
+    # Downloads need the internet, which compute nodes often lack (config cluster.fetch_on_submit_host).
+    localrule: config["cluster"]["fetch_on_submit_host"]
     conda:
         "../../envs/torch.yaml"
     script:
