@@ -12,7 +12,8 @@ import torch
 
 from conceptbench.fastpaths import FAST_PATH_DEFAULTS, apply_fast_paths, fast_path_config
 
-PLAIN = dict(attention="classic", channels_last=False, tf32=False, compile=False, fuse_lora=False)
+PLAIN = dict(attention="classic", channels_last=False, tf32=False, compile=False, fuse_lora=False,
+             fold_custom_diffusion=False)
 FP32_TOL = 1e-4
 
 
@@ -107,6 +108,28 @@ def test_custom_diffusion_processors_survive_every_attention_setting(base_pipe):
         kept = [n for n, p in pipe.unet.attn_processors.items() if isinstance(p, CustomDiffusionAttnProcessor2_0)]
         assert sorted(kept) == sorted(procs)
         np.testing.assert_allclose(draw(pipe), before, atol=FP32_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("train_q_out", [False, True], ids=["crossattn_kv", "crossattn"])
+def test_folded_custom_diffusion_draws_the_same_and_takes_fused_projections(base_pipe, train_q_out):
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    from conceptbench.methods.custom_diffusion import cross_attention_processors
+
+    pipe = copy.deepcopy(base_pipe)
+    procs = cross_attention_processors(pipe.unet, train_q_out=train_q_out)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for proc in procs.values():  # trained-looking projections: the processors now differ from the layers
+            for p in proc.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    pipe.unet.set_attn_processor({**pipe.unet.attn_processors, **procs})
+    with_processors = draw(pipe)
+    assert np.abs(with_processors - draw(base_pipe)).max() > 1e-3
+    applied = apply_fast_paths(pipe, {**PLAIN, "fold_custom_diffusion": True, "attention": "sdpa_fused"})
+    assert applied["custom_diffusion_folded"] == len(procs) and applied["attention"] == "sdpa_fused"
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {FusedAttnProcessor2_0}
+    np.testing.assert_allclose(draw(pipe), with_processors, atol=FP32_TOL, rtol=0)
 
 
 def test_tf32_touches_no_global_on_the_cpu(base_pipe):

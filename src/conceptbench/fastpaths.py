@@ -12,6 +12,9 @@ up to float rounding (tests/test_fastpaths.py states the tolerances):
 - compile: torch.compile of the U-Net (mode `compile_mode`); the first call pays the compile time.
 - upcast_vae: with fp16 weights, run the VAE in fp32 (SD v1.5's VAE overflows in fp16).
 - fuse_lora: fuse any LoRA adapter still attached to the U-Net into its weights.
+- fold_custom_diffusion: copy Custom Diffusion's trained projections into their attention layers and
+  put the stock processor back, so a Custom Diffusion U-Net has the same shape as every other method's
+  (and its self-attention layers can take fused QKV projections too).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 FAST_PATH_DEFAULTS = dict(attention="sdpa", channels_last=False, tf32=True, compile=False,
-                          compile_mode="default", upcast_vae=True, fuse_lora=True)
+                          compile_mode="default", upcast_vae=True, fuse_lora=True, fold_custom_diffusion=True)
 ATTENTION = ("classic", "sdpa", "sdpa_fused")
 
 
@@ -66,6 +69,37 @@ def fuse_attached_lora(pipe) -> bool:
     return True
 
 
+def fold_custom_diffusion(unet) -> int:
+    """Fold Custom Diffusion processors into their attention layers; returns how many were folded.
+
+    The processor computes cross-attention with its own k/v (and, for crossattn, q/out) projections in
+    place of the layer's, and detaches the first token's key and value, which steers gradients only.
+    Copying its weights into to_k/to_v (to_q/to_out) and restoring the stock SDPA processor computes the
+    same attention. A layer whose k/v projections carry a bias (the processor's have none) is left as it is.
+    """
+    from diffusers.models.attention_processor import (Attention, AttnProcessor2_0, CustomDiffusionAttnProcessor,
+                                                      CustomDiffusionAttnProcessor2_0)
+
+    folded = 0
+    for attn in unet.modules():
+        proc = getattr(attn, "processor", None)
+        if not (isinstance(attn, Attention) and isinstance(proc, (CustomDiffusionAttnProcessor,
+                                                                   CustomDiffusionAttnProcessor2_0))):
+            continue
+        if proc.train_kv and (attn.to_k.bias is not None or attn.to_v.bias is not None):
+            continue
+        with torch.no_grad():
+            if proc.train_kv:
+                attn.to_k.weight.copy_(proc.to_k_custom_diffusion.weight)
+                attn.to_v.weight.copy_(proc.to_v_custom_diffusion.weight)
+            if proc.train_q_out:
+                attn.to_q.weight.copy_(proc.to_q_custom_diffusion.weight)
+                attn.to_out[0].load_state_dict(proc.to_out_custom_diffusion[0].state_dict())
+        attn.set_processor(AttnProcessor2_0())
+        folded += 1
+    return folded
+
+
 def upcast_vae(vae) -> None:
     """Hold the VAE in fp32 and cast the latents it decodes to fp32 (the pipeline hands it fp16 ones)."""
     vae.to(torch.float32)
@@ -80,9 +114,12 @@ def upcast_vae(vae) -> None:
 def apply_fast_paths(pipe, cfg: dict | None = None) -> dict:
     """Apply the sampling fast paths of `cfg` to `pipe` in place; returns the settings in effect."""
     cfg = fast_path_config(cfg)
-    applied = dict(cfg, lora_fused=False, vae_dtype=str(pipe.vae.dtype).removeprefix("torch."))
+    applied = dict(cfg, lora_fused=False, custom_diffusion_folded=0,
+                   vae_dtype=str(pipe.vae.dtype).removeprefix("torch."))
     if cfg["fuse_lora"]:
         applied["lora_fused"] = fuse_attached_lora(pipe)
+    if cfg["fold_custom_diffusion"]:
+        applied["custom_diffusion_folded"] = fold_custom_diffusion(pipe.unet)
     applied["attention"] = set_attention(pipe.unet, cfg["attention"])
     if cfg["upcast_vae"] and pipe.vae.dtype == torch.float16:
         upcast_vae(pipe.vae)
