@@ -44,8 +44,9 @@ bench() {  # bench NAME SECONDS [bench options]: one run under a time limit, its
 # Every method family's training step (bf16 autocast, fused AdamW) and both samplers at batch 1,
 # plain (fp32, classic attention) and fast (bf16, SDPA with fused QKV, channels_last, TF32).
 bench main 240
-# The fast samplers with the U-Net compiled; the compile time is reported apart from the median.
-bench compile 150 --methods "" --profiles fast --compile --compile-mode default
+# The fast samplers with the U-Net compiled with CUDA graphs (at batch 2 a 512² U-Net step is launch-bound);
+# the compile time is reported apart from the median.
+bench compile 150 --methods "" --profiles fast --compile --compile-mode reduce-overhead
 # DreamBooth's memory: gradient checkpointing and 8-bit AdamW (the target: >= 8 steps/s within 24 GB).
 bench dreambooth-lowmem 60 --methods dreambooth --samplers "" --gradient-checkpointing --optimizer adamw8bit
 # Batched sampling: the per-image cost at 8 images a call.
