@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conceptbench.methods._policy import ddim_step_with_logprob, per_prompt_advantages, ppo_loss
+from conceptbench.methods._policy import RewardStats, ddim_step_with_logprob, ppo_loss
 from conceptbench.methods.ddpo import DDPO, prompt_list
 from conceptbench.models.tiny import SD15_SCHEDULE
 from conceptbench.train import MethodError, TrainContext, train, train_config
@@ -58,10 +58,9 @@ def test_ppo_loss_is_clipped_at_the_clip_range():
     assert lp.grad.item() == 0.0  # clipped: no gradient pushes ρ further
 
 
-def test_per_prompt_advantages_on_hand_cases():
+def test_per_batch_advantages_on_hand_cases():
     rewards = torch.tensor([1.0, 3.0, 10.0, 10.0, 20.0, 7.0])
-    ids = torch.tensor([0, 0, 1, 1, 1, 2])
-    adv = per_prompt_advantages(rewards, ids, eps=0.0)
+    adv = RewardStats(buffer_size=0, min_count=2, eps=0.0).advantages(rewards, [0, 0, 1, 1, 1, 2])
     assert adv[:2].tolist() == [-1.0, 1.0]  # mean 2, std 1
     s = math.sqrt(200 / 9)  # prompt 1: mean 40/3
     assert adv[2:5].tolist() == pytest.approx([(10 - 40 / 3) / s, (10 - 40 / 3) / s, (20 - 40 / 3) / s])

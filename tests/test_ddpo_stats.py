@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conceptbench.methods._policy import RewardStats, per_prompt_advantages
+from conceptbench.methods._policy import RewardStats
 from conceptbench.methods.ddpo import reward_stats
 from conceptbench.train import MethodError
 
@@ -71,7 +71,6 @@ def test_buffer_size_zero_is_exactly_the_per_batch_normalisation(min_count):
         rewards = torch.randn(12, generator=g) * 3 + 1
         expected = _per_batch_before_the_tracker(rewards, ids, min_count)
         assert torch.equal(stats.advantages(rewards, [prompts[i] for i in ids]), expected)
-        assert torch.equal(per_prompt_advantages(rewards, ids, min_count), expected)
     assert stats.history == {}
     single = torch.tensor([4.0])
     oracle = _per_batch_before_the_tracker(single, torch.tensor([0]), min_count)

@@ -100,7 +100,7 @@ class RewardStats:
     this batch's rewards to each prompt's deque, then normalises them, (r − mean) / (std + eps), by the
     deque's mean and std once it holds at least `min_count` rewards, else by the whole batch's. With
     `buffer_size` 0 nothing is kept and the statistics are this batch's samples of the prompt only
-    (with min_count 2: the per-batch normalisation of `per_prompt_advantages`). std is the population
+    (with min_count 2: the per-batch normalisation DDPO used before the history). std is the population
     std (ddof 0), computed in float32. `state_dict` holds the history as plain floats (checkpointable).
     """
 
@@ -133,13 +133,6 @@ class RewardStats:
     def load_state_dict(self, state: dict) -> None:
         self.history = {prompt: deque(values, maxlen=self.buffer_size)
                         for prompt, values in state["history"].items()} if self.buffer_size else {}
-
-
-def per_prompt_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, min_count: int = 2,
-                          eps: float = 1e-6) -> torch.Tensor:
-    """(r − mean) / (std + eps) within each prompt's samples of this batch; prompts with fewer than
-    `min_count` samples use the batch's mean and std. std is the population std (ddof 0)."""
-    return RewardStats(0, min_count, eps).advantages(rewards, prompt_ids.tolist())
 
 
 def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
