@@ -109,6 +109,33 @@ def test_the_adapter_init_follows_the_seed_not_the_process_history(tiny_pipeline
     assert not all(torch.equal(v, other[k]) for k, v in first.items())
 
 
+def test_cached_encodings_train_as_encoding_each_batch(tiny_pipeline_dir, caption_dir, tmp_path, monkeypatch):
+    """With cache_latents the VAE encodes each image once, at setup, not each step, and 4 steps end where
+    4 steps of encoding every batch end: the same images and noise drawn, encodings equal up to float
+    rounding (a chunk of 4 images against batches of 2)."""
+    from diffusers import AutoencoderKL
+
+    encodes = []
+    real = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: encodes.append(len(x)) or real(self, x, *a, **k))
+    adapters, calls = {}, {}
+    for cache in (False, True):
+        spec = {"experiment": "lora", "variant": "rank-4", "method": "lora", "seed": 0, "resolution": 64,
+                "train": {"steps": 4, "learning_rate": 1e-2, "batch_size": 2, "checkpoint_every": 0},
+                "args": {"rank": 4, "cache_latents": cache}}
+        method = LoRA(spec["args"])
+        ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=caption_dir, class_dir=None,
+                           device=torch.device("cpu"), mixed_precision="no")
+        encodes.clear()
+        train(method, ctx, train_config(spec), tmp_path / f"work-{cache}")
+        adapters[cache] = {k: v for k, v in method.unet.state_dict().items() if "lora" in k}
+        calls[cache] = list(encodes)
+    assert calls == {False: [2, 2, 2, 2], True: [4]}  # a batch per step; the 4 images once
+    for k, v in adapters[False].items():
+        torch.testing.assert_close(adapters[True][k], v, atol=1e-5, rtol=1e-4)
+    assert all(v.abs().sum() > 0 for k, v in adapters[True].items() if "lora_B" in k)  # trained away from zero
+
+
 def test_adapter_stays_fp32_over_a_bf16_base(tiny_pipeline_dir, caption_dir, tmp_path):
     spec = {"seed": 0, "resolution": 64, "train": {"steps": 1, "learning_rate": 1e-3, "mixed_precision": "bf16"},
             "args": {"rank": 4}}

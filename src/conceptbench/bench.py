@@ -74,8 +74,8 @@ class BenchMethod(Method):
     """One method family's trainable set and loss, on prebuilt components, as its method module trains it.
 
     dreambooth: full U-Net, instance + class latent (prior preservation), cached prompt embeddings;
-    lora: peft rank-r adapter on to_q/to_k/to_v/to_out.0, frozen base in the autocast dtype, VAE
-    encode and text encode per batch; textual_inversion: one embedding row (text encoder and U-Net
+    lora: peft rank-r adapter on to_q/to_k/to_v/to_out.0, frozen base in the autocast dtype, cached
+    latents and caption embeddings (the method's cache_latents default); textual_inversion: one embedding row (text encoder and U-Net
     frozen, backward through both); custom_diffusion: cross-attention k/v plus a modifier-token row,
     instance + class latent.
     """
@@ -104,14 +104,15 @@ class BenchMethod(Method):
         side = ctx.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_shape = (self.n, self.vae.config.latent_channels, side, side)
         self.prompts = ["a photo of <bench>", "a photo of a dog"][: self.n]
-        if fam == "dreambooth":
-            self.unet.requires_grad_(True).train()
-            self.params = list(self.unet.parameters())
+        if fam in ("dreambooth", "lora"):
+            if fam == "dreambooth":
+                self.unet.requires_grad_(True).train()
+                self.params = list(self.unet.parameters())
+            else:
+                self.params = add_lora(self.unet, self.rank)
+                self.unet.train()
             with torch.no_grad():
                 self.cond = encode_prompts(self.tokenizer, self.text_encoder.to(ctx.device), self.prompts)
-        elif fam == "lora":
-            self.params = add_lora(self.unet, self.rank)
-            self.unet.train()
         else:
             tokens = TrainableTokens(self.tokenizer, self.text_encoder, ["<bench>"], ["dog"], fam)
             self.params = [tokens.vectors]
@@ -130,25 +131,15 @@ class BenchMethod(Method):
         return [{"params": self.params}]
 
     def batch(self, step: int, generator: torch.Generator) -> dict:
-        if self.name == "lora":  # LoRA encodes each captioned batch (methods/_captioned.py)
-            from .methods._captioned import encode_batch
-
-            side = self.latent_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
-            pixels = torch.rand((self.n, 3, side, side), generator=generator) * 2 - 1
-            latents = encode_batch(self.vae, pixels, generator)
-            cond = encode_prompts(self.tokenizer, self.text_encoder, self.prompts)
-        else:
-            latents, cond = torch.randn(self.latent_shape, generator=generator).to(self.device), None
+        latents = torch.randn(self.latent_shape, generator=generator).to(self.device)
         noisy, timesteps, target = noise_and_target(self.noise_scheduler, latents, generator)
-        return dict(noisy=noisy, timesteps=timesteps, target=target, cond=cond)
+        return dict(noisy=noisy, timesteps=timesteps, target=target)
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         from .methods.dreambooth import dreambooth_loss
 
-        if self.name == "dreambooth":
+        if self.name in ("dreambooth", "lora"):
             cond = self.cond
-        elif self.name == "lora":
-            cond = batch["cond"]
         else:
             cond = self.text_encoder(self.ids)[0]
         pred = self.unet(batch["noisy"], batch["timesteps"], cond).sample

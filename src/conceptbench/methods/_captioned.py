@@ -1,7 +1,8 @@
 """A prepared captioned dataset (PNG files + metadata.jsonl), read a random batch at a time.
 
 Images are loaded when drawn, not all up front, so a 100,000-image caption set costs no memory;
-the VAE then encodes each batch on the device (as LoRA and LCM training do).
+the VAE then encodes each batch on the device (as LCM training does). A small set trained for many
+steps is better encoded once (EncodedCaptions, LoRA's default).
 """
 
 from __future__ import annotations
@@ -48,3 +49,41 @@ def encode_batch(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch
 
     mean, std = encode_latent_distribution(vae, pixels, next(vae.parameters()).device)
     return sample_latents(mean, std, generator)
+
+
+class EncodedCaptions:
+    """Every image's latent distribution and every caption's embedding, encoded once.
+
+    For a small captioned set trained for many steps (the study's LoRA: 1,221 Naruto images, 15,000
+    steps) each image is encoded once instead of about twelve times, and PNG decoding, the VAE encoder
+    and the text encoder leave the training loop. `draw` consumes the generator exactly as
+    CaptionedImages.draw followed by encode_batch does (indices, then the latent noise), so each step
+    draws the same images and the same noise. Held on the device: 2 · 4 · (R/8)² fp32 values per image
+    and 77 × the text width per caption (for SD v1.5 at 512², about 0.37 MB an image).
+    """
+
+    @torch.no_grad()
+    def __init__(self, data: CaptionedImages, vae, tokenizer, text_encoder, device: torch.device, chunk: int = 8):
+        from ..train.method import encode_latent_distribution, encode_prompts
+
+        means, stds, conds = [], [], []
+        for start in range(0, len(data), chunk):
+            idx = range(start, min(start + chunk, len(data)))
+            mean, std = encode_latent_distribution(vae, torch.stack([data.load(i) for i in idx]), device, chunk)
+            means.append(mean)
+            stds.append(std)
+            conds.append(encode_prompts(tokenizer, text_encoder, [data.pairs[i][1] for i in idx]))
+        self.mean, self.std, self.cond = torch.cat(means), torch.cat(stds), torch.cat(conds)
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.mean, self.std, self.cond))
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n random (latents, caption embedding) pairs, with replacement."""
+        from ..train.method import sample_latents
+
+        idx = torch.randint(0, len(self), (n,), generator=generator).to(self.mean.device)
+        return sample_latents(self.mean[idx], self.std[idx], generator), self.cond[idx]

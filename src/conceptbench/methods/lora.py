@@ -4,14 +4,18 @@ peft LoRA of rank r on to_q, to_k, to_v and to_out.0 (Hu et al. 2021; set-up as 
 examples/text_to_image/train_text_to_image_lora.py). The frozen U-Net, VAE and text encoder may be held
 in fp16/bf16 while the adapter stays fp32. Optional Min-SNR-γ weighting (Hang et al. 2023). The
 artifact is a diffusers LoRA file (save_lora_weights); sampling loads it on the base model with
-load_lora_weights and fuses it, so inference costs what the base model costs.
+load_lora_weights and fuses it, so inference costs what the base model costs. By default every image
+and caption is encoded once at setup (cache_latents; _captioned.EncodedCaptions): the same draws as
+encoding each batch, without the VAE and text encoder in the loop.
 
 args: rank (r), lora_alpha (default r), target_modules, snr_gamma (null: plain MSE),
-lora_scale (the adapter's weight when fused for sampling, default 1).
+lora_scale (the adapter's weight when fused for sampling, default 1), cache_latents (default true;
+false encodes each batch, for caption sets too large to hold encoded on the device).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,8 +23,10 @@ import torch.nn.functional as F
 
 from .. import runtime
 from ..train.method import Method, MethodError, TrainContext, encode_prompts, load_base_pipeline, noise_and_target
-from ._captioned import CaptionedImages, encode_batch
+from ._captioned import CaptionedImages, EncodedCaptions, encode_batch
 from ._lora import DEFAULT_TARGETS, add_lora, fuse_loras, save_lora
+
+log = logging.getLogger(__name__)
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -68,6 +74,13 @@ class LoRA(Method):
         self.text_encoder.requires_grad_(False).eval().to(ctx.device)
         self.params = add_lora(self.unet, self.rank, self.arg("lora_alpha", None),
                                self.arg("target_modules", list(DEFAULT_TARGETS)))
+        self.encoded = None
+        if self.arg("cache_latents", True):  # encode every image and caption once (see EncodedCaptions)
+            self.encoded = EncodedCaptions(self.data, self.vae, self.tokenizer, self.text_encoder, ctx.device)
+            log.info("lora: cached %d encoded images and captions (%.1f MB)", len(self.encoded),
+                     self.encoded.nbytes() / 1e6)
+            self.vae.to("cpu")
+            self.text_encoder.to("cpu")
         self.unet.to(ctx.device).train()
         if ctx.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -77,10 +90,14 @@ class LoRA(Method):
 
     def batch(self, step: int, generator: torch.Generator) -> dict:
         """batch_size random captioned images, encoded and noised at random timesteps."""
-        pixels, captions = self.data.draw(self.batch_size, generator)
-        latents = encode_batch(self.vae, pixels, generator)
+        if self.encoded is not None:
+            latents, cond = self.encoded.draw(self.batch_size, generator)
+        else:
+            pixels, captions = self.data.draw(self.batch_size, generator)
+            latents = encode_batch(self.vae, pixels, generator)
         noisy, timesteps, target = noise_and_target(self.noise_scheduler, latents, generator)
-        cond = encode_prompts(self.tokenizer, self.text_encoder, captions)
+        if self.encoded is None:
+            cond = encode_prompts(self.tokenizer, self.text_encoder, captions)
         return dict(noisy=noisy, timesteps=timesteps, target=target, cond=cond)
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
