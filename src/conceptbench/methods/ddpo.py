@@ -9,11 +9,12 @@ gradient_accumulation_steps = m the pairs are split into m micro-batches (ddpo-p
 over timesteps the same way). The method makes its own data: no dataset.
 
 Advantages, as ddpo-pytorch's per-prompt stat tracking: each prompt keeps its last `stat_buffer_size`
-rewards across epochs (default 16, as ddpo-pytorch); once that buffer holds `stat_min_count` (default 16)
-a sample's advantage is (r − mean) / std over its prompt's buffer, before that over the whole batch. In
-the study (8 samples per prompt per epoch) one epoch alone gives a noisy std; 16 is this epoch's and the
-last one's. stat_buffer_size 0 uses this epoch's samples of the prompt only (stat_min_count 2 gives the per-batch
-normalisation of earlier versions). The history is part of the checkpoint, so a resume is exact.
+rewards across epochs (default 16, as ddpo-pytorch); once that buffer holds `stat_min_count` (default
+16) a sample's advantage is (r − mean) / std over its prompt's buffer, before that over the whole
+batch. In the study (8 samples per prompt per epoch) one epoch alone gives a noisy std; 16 is this
+epoch's and the last one's. stat_buffer_size 0 uses this epoch's samples of the prompt only
+(stat_min_count 2 gives the per-batch normalisation of earlier versions). The history is part of the
+checkpoint, so a resume is exact.
 
 args: prompts (a list, or "animals"), reward (aesthetic | brightness), sample_steps, eta, guidance_scale,
 samples_per_prompt, prompts_per_epoch, inner_epochs, clip_range, adv_clip_max, timestep_fraction,
