@@ -75,9 +75,9 @@ class BenchMethod(Method):
 
     dreambooth: full U-Net, instance + class latent (prior preservation), cached prompt embeddings;
     lora: peft rank-r adapter on to_q/to_k/to_v/to_out.0, frozen base in the autocast dtype, cached
-    latents and caption embeddings (the method's cache_latents default); textual_inversion: one embedding row (text encoder and U-Net
-    frozen, backward through both); custom_diffusion: cross-attention k/v plus a modifier-token row,
-    instance + class latent.
+    latents and caption embeddings (the method's cache_latents default); textual_inversion: one
+    embedding row (text encoder and U-Net frozen, backward through both); custom_diffusion:
+    cross-attention k/v plus a modifier-token row, instance + class latent.
     """
 
     def __init__(self, family: str, pipe, rank: int = 16):
@@ -104,13 +104,13 @@ class BenchMethod(Method):
         side = ctx.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_shape = (self.n, self.vae.config.latent_channels, side, side)
         self.prompts = ["a photo of <bench>", "a photo of a dog"][: self.n]
-        if fam in ("dreambooth", "lora"):
-            if fam == "dreambooth":
-                self.unet.requires_grad_(True).train()
-                self.params = list(self.unet.parameters())
-            else:
-                self.params = add_lora(self.unet, self.rank)
-                self.unet.train()
+        if fam == "dreambooth":
+            self.unet.requires_grad_(True).train()
+            self.params = list(self.unet.parameters())
+        elif fam == "lora":
+            self.params = add_lora(self.unet, self.rank)
+            self.unet.train()
+        if fam in ("dreambooth", "lora"):  # prompt embeddings cached, as both methods do
             with torch.no_grad():
                 self.cond = encode_prompts(self.tokenizer, self.text_encoder.to(ctx.device), self.prompts)
         else:

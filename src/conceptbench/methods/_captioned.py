@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import runtime
 from ..data import read_prepared
 from ..images import DataError, center_square, load_rgb
 
@@ -40,6 +41,17 @@ class CaptionedImages:
         """n random (image, caption) pairs, with replacement: ([n, 3, R, R], captions)."""
         idx = torch.randint(0, len(self.pairs), (n,), generator=generator).tolist()
         return torch.stack([self.load(i) for i in idx]), [self.pairs[i][1] for i in idx]
+
+
+def load_captioned(owner: str, ctx):
+    """The experiment's captioned dataset and the base pipeline, its frozen parts held in the autocast dtype."""
+    from ..train.method import MethodError, load_base_pipeline
+
+    if ctx.data_dir is None:
+        raise MethodError(f"{owner}: needs a captioned dataset (experiment data)")
+    data = CaptionedImages(ctx.data_dir, ctx.resolution)
+    frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
+    return data, load_base_pipeline(ctx.base_model, dtype=frozen)
 
 
 @torch.no_grad()

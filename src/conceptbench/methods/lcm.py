@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import runtime
-from ..train.method import Method, MethodError, TrainContext, encode_prompts, load_base_pipeline
-from ._captioned import CaptionedImages, encode_batch
+from ..train.method import Method, MethodError, TrainContext, encode_prompts
+from ._captioned import encode_batch, load_captioned
 
 SIGMA_DATA = 0.5
 
@@ -90,12 +89,7 @@ class LCM(Method):
         self.timestep_scaling = float(self.arg("timestep_scaling", 10.0))
         self.num_ddim = int(self.arg("num_ddim_timesteps", 50))
         self.device, self.batch_size = ctx.device, ctx.batch_size
-        if ctx.data_dir is None:
-            raise MethodError("lcm: needs a captioned dataset (experiment data)")
-        self.data = CaptionedImages(ctx.data_dir, ctx.resolution)
-
-        frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
-        pipe = load_base_pipeline(ctx.base_model, dtype=frozen)
+        self.data, pipe = load_captioned(self.name, ctx)
         self.tokenizer, self.text_encoder, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.vae
         self.base_scheduler_config = pipe.scheduler.config
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

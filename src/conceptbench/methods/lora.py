@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import runtime
-from ..train.method import Method, MethodError, TrainContext, encode_prompts, load_base_pipeline, noise_and_target
-from ._captioned import CaptionedImages, EncodedCaptions, encode_batch
+from ..train.method import Method, TrainContext, encode_prompts, load_base_pipeline, noise_and_target
+from ._captioned import EncodedCaptions, encode_batch, load_captioned
 from ._lora import DEFAULT_TARGETS, add_lora, fuse_loras, save_lora
 
 log = logging.getLogger(__name__)
@@ -62,12 +61,7 @@ class LoRA(Method):
         self.rank = int(self.arg("rank"))
         self.snr_gamma = self.arg("snr_gamma", None)
         self.device, self.batch_size = ctx.device, ctx.batch_size
-        if ctx.data_dir is None:
-            raise MethodError("lora: needs a captioned dataset (experiment data)")
-        self.data = CaptionedImages(ctx.data_dir, ctx.resolution)
-
-        frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
-        pipe = load_base_pipeline(ctx.base_model, dtype=frozen)
+        self.data, pipe = load_captioned(self.name, ctx)
         self.tokenizer, self.text_encoder, self.vae, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.vae.requires_grad_(False).eval().to(ctx.device)
@@ -95,9 +89,8 @@ class LoRA(Method):
         else:
             pixels, captions = self.data.draw(self.batch_size, generator)
             latents = encode_batch(self.vae, pixels, generator)
+            cond = encode_prompts(self.tokenizer, self.text_encoder, captions)  # draws nothing
         noisy, timesteps, target = noise_and_target(self.noise_scheduler, latents, generator)
-        if self.encoded is None:
-            cond = encode_prompts(self.tokenizer, self.text_encoder, captions)
         return dict(noisy=noisy, timesteps=timesteps, target=target, cond=cond)
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
