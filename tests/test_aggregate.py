@@ -14,8 +14,7 @@ from PIL import Image
 from conceptbench import aggregate as agg
 from conceptbench import study
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDY_FILE = ROOT / "workflow/data/study_results.yaml"
+STUDY_FILE = study.RESULTS_FILE
 STUDY_TEXT = Path("/work/shared/study/personalizing-diffusion-models.txt")
 
 EXPERIMENTS = {

@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import os
 import re
+from importlib import resources
 from pathlib import Path
 
 import yaml
 from jsonschema import Draft202012Validator, validators
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# Package data, so an installed package (not only a checkout) finds it.
+SCHEMA = resources.files("conceptbench") / "schemas" / "config.schema.yaml"
 VARIANT_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 # Methods whose experiments score against reference images need a subject dataset.
 REFERENCE_METRICS = {"clip_i", "dino_i"}

@@ -1,11 +1,14 @@
-"""The study's published numbers (workflow/data/study_results.yaml): read, checked, looked up. Torch-free."""
+"""The study's published numbers (data/study_results.yaml, package data): read, checked, looked up. Torch-free."""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
+# Package data: the workflow reads it from the installed package as from a checkout.
+RESULTS_FILE = resources.files("conceptbench") / "data" / "study_results.yaml"
 # The columns of summary.csv the study reports numbers for.
 COMPARED = ["clip_t", "clip_i", "dino_i", "aesthetic", "latency_ms", "trainable_params", "artifact_bytes"]
 

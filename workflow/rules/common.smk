@@ -5,17 +5,19 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-# Scripts run in child processes (and, under --sdm conda, in other environments): let them find
-# the package even where it is not installed.
-# (This sets PYTHONPATH for the children; it asks nothing of the user, so no envvars: directive.)
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(filter(None, [str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH")]))
-)
+# The package of the checkout this file lives in (found from this file, not the working directory or
+# the main Snakefile, so it holds when another workflow uses this one as a module); without one (a
+# remote module), the installed package. Scripts run in child processes (and, under --sdm conda, in
+# other environments): PYTHONPATH lets them find it too. It asks nothing of the user: no envvars:.
+SRC = Path(str(workflow.current_basedir)).parents[1] / "src"
+if (SRC / "conceptbench").is_dir():
+    sys.path.insert(0, str(SRC))
+    os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
 
 from conceptbench import config as cb
+from conceptbench import study
 
-cb.validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+cb.validate(config)
 cb.check_output_dirs(config)
 
 RESULTS = config["results"]
@@ -202,7 +204,7 @@ def experiment_info(wildcards):
 # --- summary, plots and report ------------------------------------------------------------
 
 # The study's published numbers and metric bands, transcribed once (shown beside the measured ones).
-STUDY_RESULTS = str(Path(workflow.basedir) / "workflow" / "data" / "study_results.yaml")
+STUDY_RESULTS = str(study.RESULTS_FILE)
 
 
 def reference_subjects(wildcards=None):
@@ -225,8 +227,6 @@ def method_of(wildcards):
 
 def metric_notes(wildcards=None):
     """What each metric means and the study's bands for it, for the report captions."""
-    from conceptbench import study
-
     numbers = study.load(STUDY_RESULTS)
     return {
         m: {"name": spec["name"], "meaning": spec["meaning"], "bands": study.band_text(numbers, m)}
