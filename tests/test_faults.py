@@ -184,7 +184,7 @@ def test_unwritable_results_folder_stops_before_any_job(tmp_path):
     (tmp_path / "blocker").write_text("a file where a folder should be")
     cfg["results"] = str(tmp_path / "blocker" / "results")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "-d", str(tmp_path),
                            "-n", "--configfile", str(tmp_path / "c.yaml")], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0

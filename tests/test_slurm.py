@@ -56,7 +56,7 @@ def cluster(tmp_path_factory):
 
 
 def snakemake_slurm(env, workdir, config, *args):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "-d", str(workdir),
            "--configfile", str(config), "--profile", str(ROOT / "profiles/slurm"),
            "--slurm-init-seconds-before-status-checks", "2", *args]
     try:

@@ -22,7 +22,7 @@ TINY_VARIANTS = cb.variants(TINY_VARIANTS_CFG)  # {experiment: {variant: value}}
 
 
 def snakemake(workdir, *args, check=True):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "-d", str(workdir), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
@@ -92,7 +92,7 @@ def test_downloads_run_on_the_submit_host_unless_told_otherwise(tmp_path, on_sub
     with SnakemakeApi(OutputSettings(quiet=True)) as api:
         parsed = api.workflow(resource_settings=ResourceSettings(), storage_settings=StorageSettings(),
                               config_settings=ConfigSettings(configfiles=[ROOT / "config/config.yaml"], config=config),
-                              snakefile=ROOT / "Snakefile", workdir=tmp_path)
+                              snakefile=ROOT / "workflow/Snakefile", workdir=tmp_path)
         local = set(parsed._workflow._localrules)  # what a cluster executor runs in the snakemake process
     assert local == ({"fetch_model", "fetch_dataset"} if on_submit_host else set())
 
