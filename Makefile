@@ -2,6 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# The exact versions tested together (tools/lock.py writes it); pyproject.toml has the ranges.
+LOCK := constraints.txt
 CONFIG ?= config/tiny.yaml
 REPORT ?= results/report.html
 # The embedded default and the tests never touch the hub (open_clip would retry it for ~46 s).
@@ -10,10 +12,10 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: demo test lint dry-run study-dry-run report clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --editable .
+	$(BIN)/python -m pip install --quiet --constraint $(LOCK) --editable .
 	touch $@
 
 demo: $(VENV)/.installed
@@ -21,9 +23,9 @@ demo: $(VENV)/.installed
 	$(BIN)/snakemake --configfile $(CONFIG) --report $(REPORT)
 	@echo "conceptbench: summary in results/tables/summary.md, report in $(REPORT)"
 
-# The tests also cover the optional 8-bit AdamW (the `8bit` extra, bitsandbytes).
+# The tests (the `test` extra) also cover the optional 8-bit AdamW (the `8bit` extra, bitsandbytes).
 $(VENV)/.installed-8bit: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet --editable '.[8bit]'
+	$(BIN)/python -m pip install --quiet --constraint $(LOCK) --editable '.[8bit,test]'
 	touch $@
 
 test: $(VENV)/.installed-8bit
