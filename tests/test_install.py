@@ -1,8 +1,18 @@
-"""How the project installs: the lock agrees with pyproject's ranges and holds what the project needs."""
+"""How the project installs and is reused: the lock against pyproject's ranges, a non-editable
+`pip install`, and the workflow as a module of a user's own workflow."""
 
+import copy
+import os
+import re
+import shutil
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
+import pandas as pd
+import pytest
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -31,3 +41,84 @@ def test_lock_walks_the_requirements_of_the_installed_environment():
     assert {"torch", "snakemake", "pytest", "bitsandbytes"} <= set(pins)  # dependencies and both extras
     assert {"jsonschema-specifications", "snakemake-interface-common"} <= set(pins)  # reached through them
     assert "pip" not in pins and "conceptbench" not in pins  # installed here, needed by nothing
+
+
+def run(*cmd, cwd):
+    """A command as a user runs it: from `cwd`, without the PYTHONPATH a developer's shell may set."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env={**env, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def job_count(dry_run_output: str, rule: str) -> int:
+    return int(re.search(rf"^{rule}\s+(\d+)$", dry_run_output, re.M).group(1))
+
+
+@pytest.mark.slow  # about 20 s: a venv, a wheel build, a dry-run
+def test_pip_install_runs_the_embedded_default_from_outside_the_checkout(tmp_path):
+    """`pip install <project>` (not editable) into a fresh venv; the workflow, copied without the
+    checkout's src/ as a remote module has it, finds the library, its schema and the study's
+    numbers in the installed package."""
+    venv, outside = tmp_path / "venv", tmp_path / "elsewhere"
+    outside.mkdir()
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
+    python = venv / "bin" / "python"
+    # pip, setuptools and the dependencies come from this environment (installing torch again takes
+    # minutes); the project itself is built into a wheel and installed as a user's `pip install .` does.
+    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", cwd=outside).strip())
+    (site / "dependencies.pth").write_text("\n".join({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}))
+    project = tmp_path / "project"  # the files a build reads; a build in place would write build/ into the checkout
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, project / name)
+    run(python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", project, cwd=outside)
+
+    where = run(python, "-c", "import conceptbench; print(conceptbench.__file__)", cwd=outside)
+    assert Path(where.strip()).is_relative_to(site)
+
+    workflow = tmp_path / "workflow-only"
+    for name in ("workflow", "envs"):
+        shutil.copytree(ROOT / name, workflow / name)
+    out = run(python, "-m", "snakemake", "-n", "-s", workflow / "workflow/Snakefile",
+              "--configfile", ROOT / "config/tiny.yaml", cwd=outside)
+    tiny = yaml.safe_load((ROOT / "config/tiny.yaml").read_text())
+    variants = sum(len(e["sweep"]["values"]) for e in tiny["experiments"].values() if e.get("enabled", True))
+    assert job_count(out, "train") == variants and job_count(out, "aggregate") == 1
+
+
+@pytest.mark.slow  # about 1 min: one LoRA variant trained, sampled, scored, summarized and reported
+def test_a_users_workflow_runs_this_one_as_a_module(tmp_path):
+    """A user's project: its own config (the embedded default cut to one variant) and a Snakefile
+    that uses this workflow as a module. Everything lands in the user's folder."""
+    project = tmp_path / "project"
+    (project / "config").mkdir(parents=True)
+    (project / "workflow").mkdir()
+    config = copy.deepcopy(yaml.safe_load((ROOT / "config/tiny.yaml").read_text()))
+    for name, exp in config["experiments"].items():
+        exp["enabled"] = name == "lora"
+    config["experiments"]["lora"]["sweep"]["values"] = [4]
+    (project / "config/config.yaml").write_text(yaml.safe_dump(config))
+    (project / "workflow/Snakefile").write_text(f"""\
+configfile: "config/config.yaml"
+
+
+module conceptbench:
+    snakefile:
+        "{ROOT / 'workflow/Snakefile'}"
+    config:
+        config
+
+
+use rule * from conceptbench
+""")
+    run(sys.executable, "-m", "snakemake", "--cores", "2", cwd=project)
+
+    summary = pd.read_csv(project / "results/tables/summary.csv")
+    assert list(zip(summary["experiment"], summary["variant"])) == [("lora", "rank-4")]
+    assert summary["clip_t"].notna().all()
+    assert (project / "results/tables/summary.md").read_text().count("rank-4") >= 1
+    assert (project / "resources/models/tiny/sd15").is_dir()
+    run(sys.executable, "-m", "snakemake", "--report", "report.html", cwd=project)  # with the module's captions
+    assert "rank-4" in (project / "report.html").read_text()
