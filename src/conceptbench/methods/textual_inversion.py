@@ -5,9 +5,6 @@ The placeholder ("<sks-cat>") becomes N tokens "<sks-cat>", "<sks-cat>_1", ... i
 diffusers' examples/textual_inversion). Only those rows train (methods/_tokens.py). The artifact is
 learned_embeds.safetensors, {placeholder: [N, D]}, which `pipe.load_textual_inversion` reads; the
 pipeline then expands the placeholder in every prompt into its N tokens.
-
-args: placeholder_token, initializer_token, num_vectors (N, default 1), instance_prompt
-(default "a photo of <placeholder>").
 """
 
 from __future__ import annotations
@@ -33,6 +30,17 @@ from ._tokens import TrainableTokens, expand, vector_names
 
 WEIGHT_NAME = "learned_embeds.safetensors"
 
+ARGS = {  # one JSON-schema fragment per argument (conceptbench/registry.py); no default: required
+    "placeholder_token": {"type": "string", "minLength": 1, "description": "The new word, e.g. '<sks-cat>'."},
+    "initializer_token": {"type": "string", "minLength": 1,
+                          "description": "The word whose embedding the vectors start from (several tokens: their mean)."},
+    "num_vectors": {"type": "integer", "minimum": 1, "default": 1, "description": "N, vectors behind the placeholder."},
+    "instance_prompt": {"type": ["string", "null"], "default": None,
+                        "description": "The training prompt, with the placeholder; null: 'a photo of <placeholder>'."},
+}
+INPUTS = {"data": True}
+H100_SECONDS_PER_STEP = 0.5
+
 
 class TextualInversion(Method):
     name = "textual_inversion"
@@ -41,10 +49,8 @@ class TextualInversion(Method):
         from diffusers import DDPMScheduler
 
         self.token = self.arg("placeholder_token")
-        self.n = int(self.arg("num_vectors", 1))
-        if self.n < 1:
-            raise MethodError(f"{self.name}: args.num_vectors must be at least 1 (got {self.n})")
-        prompt = self.arg("instance_prompt", f"a photo of {self.token}")
+        self.n = int(self.arg("num_vectors"))
+        prompt = self.arg("instance_prompt") or f"a photo of {self.token}"
         if self.token not in prompt:
             raise MethodError(f"{self.name}: args.instance_prompt {prompt!r} lacks the placeholder {self.token!r}")
         if ctx.data_dir is None:

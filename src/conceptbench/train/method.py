@@ -25,6 +25,8 @@ captions of a prepared dataset come from `conceptbench.data.read_prepared`.
 
 from __future__ import annotations
 
+import copy
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,7 @@ import numpy as np
 import torch
 
 from ..images import DataError, center_square, image_files, load_rgb
-
-_REQUIRED = object()
+from ..registry import declaration_of, unknown_argument
 
 
 class MethodError(ValueError):
@@ -74,15 +75,38 @@ class Method:
     name = "method"
 
     def __init__(self, args: dict):
-        self.args = dict(args or {})
+        self.args = self.resolved_args(args)
 
-    def arg(self, key: str, default=_REQUIRED):
-        """args[key], or `default`; a missing key without default is a MethodError naming it."""
-        if key in self.args:
-            return self.args[key]
-        if default is _REQUIRED:
+    @classmethod
+    def declared_args(cls) -> dict | None:
+        """The ARGS declared by the module of this class (or of the nearest base class that has one)."""
+        for klass in cls.__mro__:
+            module = sys.modules.get(klass.__module__)
+            if hasattr(module, "ARGS"):
+                return declaration_of(Path(module.__file__))["args"]
+        return None
+
+    @classmethod
+    def resolved_args(cls, args: dict | None) -> dict:
+        """`args` with the declared defaults filled in; an undeclared key is a MethodError naming the closest.
+
+        Types and ranges are checked with the config, before any job (config.check_args)."""
+        args, declared = dict(args or {}), cls.declared_args()
+        if declared is None:  # a class without declarations (a test's toy method) takes its args as given
+            return args
+        for key in args:
+            if key not in declared:
+                raise MethodError(f"{cls.name}: {unknown_argument(cls.name, key, declared)}")
+        for key, spec in declared.items():
+            if "default" in spec and key not in args:
+                args[key] = copy.deepcopy(spec["default"])
+        return args
+
+    def arg(self, key: str):
+        """args[key] (declared defaults filled in); a required argument that is missing is a MethodError."""
+        if key not in self.args:
             raise MethodError(f"{self.name}: args.{key} is required")
-        return default
+        return self.args[key]
 
     def setup(self, ctx: TrainContext) -> None:
         """Load the base models onto ctx.device, freeze what is not trained, cache fixed inputs."""
