@@ -45,7 +45,8 @@ class Toy(Method):
 
 
 def toy_run(tmp_path, on_step_end=None, args=None, **train_overrides):
-    spec = {"seed": 0, "train": {"steps": 6, "learning_rate": 0.05, "checkpoint_every": 2, **train_overrides}}
+    spec = {"seed": 0, "train": {"steps": 6, "learning_rate": 0.05, "checkpoint_every": 2, "log_every": 1,
+                                 **train_overrides}}
     method = Toy(args or {})
     ctx = TrainContext(spec=spec, base_model=tmp_path, data_dir=tmp_path, class_dir=None,
                        device=torch.device("cpu"), mixed_precision=spec["train"].get("mixed_precision", "no"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import re
@@ -67,8 +68,18 @@ def _describe(error, *prefix) -> str:
     return f"{key}: {error.message}"
 
 
+@functools.cache
 def load_schema(schema_path: Path = SCHEMA) -> dict:
+    """The config schema (read once per process; treat it as read-only)."""
     return yaml.safe_load(Path(schema_path).read_text())
+
+
+def defaults(section: str, schema_path: Path = SCHEMA) -> dict:
+    """The schema's default of each key of a config section (train, sampling, evaluation, ...): the one
+    place they are written; the training loop and sampling read them from here."""
+    schema = load_schema(schema_path)
+    node = schema["$defs"][section] if section in schema["$defs"] else schema["properties"][section]
+    return {key: copy.deepcopy(spec["default"]) for key, spec in node["properties"].items() if "default" in spec}
 
 
 def validate(config: dict, schema_path: Path = SCHEMA) -> dict:

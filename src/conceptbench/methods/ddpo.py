@@ -109,7 +109,7 @@ class DDPO(Method):
         self.clip_range, self.adv_clip_max = float(self.arg("clip_range")), float(self.arg("adv_clip_max"))
         self.timestep_fraction = float(self.arg("timestep_fraction"))
         self.use_lora = self.arg("use_lora")
-        self.accum = int(ctx.spec.get("train", {}).get("gradient_accumulation_steps", 1))
+        self.accum = int(ctx.train["gradient_accumulation_steps"])
         self.device, self.seed = ctx.device, ctx.seed
         if self.inner_epochs < 1 or self.per_prompt < 1:
             raise MethodError("ddpo: args.inner_epochs and args.samples_per_prompt must be at least 1")

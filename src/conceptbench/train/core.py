@@ -31,45 +31,15 @@ from ..io import atomic_path, read_jsonl, tree_bytes, write_json, write_jsonl
 from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint, spec_fingerprint
 from .preempt import Preempted, StopRequest, stop_on_sigterm
 from .method import Method, MethodError, TrainContext
+from .settings import train_config
 
 log = logging.getLogger(__name__)
-
-TRAIN_DEFAULTS = dict(
-    batch_size=1,
-    gradient_accumulation_steps=1,
-    lr_scheduler="constant",
-    lr_warmup_steps=0,
-    max_grad_norm=1.0,
-    mixed_precision="no",
-    optimizer="adamw",
-    adam_beta1=0.9,
-    adam_beta2=0.999,
-    adam_weight_decay=0.01,
-    adam_epsilon=1e-8,
-    gradient_checkpointing=False,
-    checkpoint_every=0,  # 0: never
-    log_every=1,
-)
-TRAIN_REQUIRED = ("steps", "learning_rate")
 
 StepHook = Callable[[int], None]
 
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the last finite loss."""
-
-
-def train_config(spec: dict) -> dict:
-    """spec["train"] with defaults filled in; unknown keys and missing required ones are errors."""
-    given = dict(spec.get("train", {}))
-    unknown = set(given) - set(TRAIN_DEFAULTS) - set(TRAIN_REQUIRED)
-    if unknown:
-        raise ConfigError(f"unknown train settings {sorted(unknown)}; "
-                          f"known: {sorted([*TRAIN_DEFAULTS, *TRAIN_REQUIRED])}")
-    missing = [k for k in TRAIN_REQUIRED if k not in given]
-    if missing:
-        raise ConfigError(f"train settings lack {missing}")
-    return {**TRAIN_DEFAULTS, **given}
 
 
 def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:

@@ -36,6 +36,7 @@ import torch
 
 from ..images import DataError, center_square, image_files, load_rgb
 from ..registry import declaration_of, unknown_argument
+from .settings import train_config
 
 
 class MethodError(ValueError):
@@ -55,18 +56,25 @@ class TrainContext:
     gradient_checkpointing: bool = False
     # Every named input of the train rule (e.g. data_1, class_images_1 of a multi-concept run).
     inputs: dict[str, Path] = field(default_factory=dict)
+    # A base pipeline already built, used instead of loading base_model (the speed benchmark's random weights).
+    pipeline: Any = None
 
     @property
     def seed(self) -> int:
-        return int(self.spec.get("seed", 0))
+        return int(self.spec["seed"])
 
     @property
     def resolution(self) -> int:
-        return int(self.spec.get("resolution", 512))
+        return int(self.spec["resolution"])
+
+    @property
+    def train(self) -> dict:
+        """The spec's training settings, defaults filled in (settings.train_config)."""
+        return train_config(self.spec)
 
     @property
     def batch_size(self) -> int:
-        return int(self.spec.get("train", {}).get("batch_size", 1))
+        return int(self.train["batch_size"])
 
 
 class Method:
