@@ -170,3 +170,8 @@ def get_method(name: str):
     if not hasattr(module, "METHOD"):
         raise MethodError(f"{module.__name__} defines no METHOD")
     return module.METHOD
+
+
+def build(spec: dict):
+    """The method of a training spec, built from its args: what a train job hands the training loop."""
+    return get_method(spec["method"])(spec.get("args"))

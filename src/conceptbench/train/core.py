@@ -1,9 +1,10 @@
 """The one training loop every method runs through.
 
-`run_training` is what the workflow calls; `train` is the loop itself, driving a `Method`
-(see method.py). The loop owns device placement, mixed precision (autocast, GradScaler for fp16),
-gradient accumulation, grad-norm clipping, the LR schedule, AdamW or 8-bit AdamW, checkpoints with
-resume, the non-finite-loss guard, the progress bar and the loss log.
+`run_training` is what the workflow calls, with the method it built; `train` is the loop itself,
+driving a `Method` (see method.py). Nothing here picks a method: the caller hands it in. The loop
+owns device placement, mixed precision (autocast, GradScaler for fp16), gradient accumulation,
+grad-norm clipping, the LR schedule, AdamW or 8-bit AdamW, checkpoints with resume, the
+non-finite-loss guard, the progress bar and the loss log.
 
 Randomness is a pure function of (seed, step, micro-batch): each micro-batch gets its own CPU
 generator, and torch's global seed is reset to the same value, so a resumed run repeats an
@@ -227,11 +228,12 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
     )
 
 
-def run_training(spec: dict, base_model: Path, data_dir: Path, class_dir: Path | None, artifact_dir: Path,
-                 work_dir: Path, log_path: Path, summary_path: Path, *, threads: int | None = None,
+def run_training(method: Method, spec: dict, base_model: Path, data_dir: Path, class_dir: Path | None,
+                 artifact_dir: Path, work_dir: Path, log_path: Path, summary_path: Path, *, threads: int | None = None,
                  device: str | None = None, on_step_end: StepHook | None = None,
                  inputs: dict | None = None) -> dict:
-    """Train spec["method"] on the dataset and write the artifact, the loss log and the summary.
+    """Train `method` (built from spec["args"] by the caller, e.g. registry.build) on the dataset and write
+    the artifact, the loss log and the summary.
 
     Checkpoints live in `work_dir` (not in `artifact_dir`, which Snakemake deletes when a job fails);
     a rerun with the same spec resumes from the last one, which is removed once the artifact is saved.
@@ -239,11 +241,8 @@ def run_training(spec: dict, base_model: Path, data_dir: Path, class_dir: Path |
     when available; `threads` caps torch's CPU threads. `inputs` holds all the rule's named inputs
     (methods with more than one image folder read theirs from it).
     """
-    from ..methods import get_method
-
     runtime.set_threads(threads)
     cfg = train_config(spec)
-    method = get_method(spec["method"])(spec.get("args", {}))
     ctx = TrainContext(spec=spec, base_model=Path(base_model), data_dir=Path(data_dir) if data_dir else None,
                        class_dir=Path(class_dir) if class_dir else None, device=runtime.pick_device(device),
                        mixed_precision=cfg["mixed_precision"], gradient_checkpointing=cfg["gradient_checkpointing"],
