@@ -26,10 +26,12 @@ from ..train.method import (
     assemble_pipeline,
     MethodError,
     TrainContext,
+    base_pipeline,
     encode_latent_distribution,
     load_base_pipeline,
     load_image_folder,
     noise_and_target,
+    offload,
     sample_latents,
     tokenize,
 )
@@ -148,7 +150,7 @@ class CustomDiffusion(Method):
         self.device, self.batch_size = ctx.device, ctx.batch_size
         concepts = self.concepts(ctx)
 
-        pipe = load_base_pipeline(ctx.base_model)
+        pipe = base_pipeline(ctx)
         self.tokenizer, self.text_encoder, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.vae
         self.unet, self.sample_scheduler = pipe.unet, pipe.scheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -176,7 +178,7 @@ class CustomDiffusion(Method):
                 self.klass.append(encode_latent_distribution(self.vae, load_image_folder(c["class_dir"], ctx.resolution),
                                                              ctx.device))
                 prompts.append(c["class_prompt"])
-        self.vae.to("cpu")
+        offload(self.vae)
         self.prompt_ids = tokenize(self.tokenizer, prompts).to(ctx.device)
         self.text_encoder.to(ctx.device)
         self.tokens.to(ctx.device)

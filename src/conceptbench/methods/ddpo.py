@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import runtime
-from ..train.method import (Method, MethodError, TrainContext, assemble_pipeline, encode_prompts,
+from ..train.method import (Method, MethodError, TrainContext, assemble_pipeline, base_pipeline, encode_prompts,
                             load_base_pipeline)
 from ._lora import add_lora, fuse_loras, save_lora
 from ._policy import RewardStats, guided_noise, ppo_loss, sample_trajectories, ddim_step_with_logprob
@@ -119,7 +119,7 @@ class DDPO(Method):
         self.reward = make_reward(self.reward_name, ctx.inputs, ctx.device)
 
         frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
-        pipe = load_base_pipeline(ctx.base_model, dtype=frozen if self.use_lora else torch.float32)
+        pipe = base_pipeline(ctx, dtype=frozen if self.use_lora else torch.float32)
         self.tokenizer, self.text_encoder, self.vae, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
         self.sample_scheduler = pipe.scheduler
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

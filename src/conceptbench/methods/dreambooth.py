@@ -18,11 +18,13 @@ from ..train.method import (
     assemble_pipeline,
     MethodError,
     TrainContext,
+    base_pipeline,
     encode_latent_distribution,
     encode_prompts,
     load_base_pipeline,
     load_image_folder,
     noise_and_target,
+    offload,
     sample_latents,
     tokenize,
 )
@@ -63,7 +65,7 @@ class DreamBooth(Method):
         self.train_text_encoder = self.arg("train_text_encoder")
         self.device, self.batch_size = ctx.device, ctx.batch_size
 
-        pipe = load_base_pipeline(ctx.base_model)
+        pipe = base_pipeline(ctx)
         self.tokenizer, self.text_encoder, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.vae
         self.unet, self.sample_scheduler = pipe.unet, pipe.scheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -83,7 +85,7 @@ class DreamBooth(Method):
                                   "needs args.class_prompt")
             self.klass = encode_latent_distribution(self.vae, load_image_folder(ctx.class_dir, ctx.resolution),
                                                     ctx.device)
-        self.vae.to("cpu")  # only needed again to save the pipeline
+        offload(self.vae)
 
         prompts = [self.instance_prompt] + ([self.class_prompt] if self.use_prior else [])
         if self.train_text_encoder:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..train.method import Method, TrainContext, encode_prompts, load_base_pipeline, noise_and_target
+from ..train.method import Method, TrainContext, encode_prompts, load_base_pipeline, noise_and_target, offload
 from ._captioned import EncodedCaptions, encode_batch, load_captioned
 from ._lora import DEFAULT_TARGETS, add_lora, fuse_loras, save_lora
 
@@ -84,8 +84,7 @@ class LoRA(Method):
             self.encoded = EncodedCaptions(self.data, self.vae, self.tokenizer, self.text_encoder, ctx.device)
             log.info("lora: cached %d encoded images and captions (%.1f MB)", len(self.encoded),
                      self.encoded.nbytes() / 1e6)
-            self.vae.to("cpu")
-            self.text_encoder.to("cpu")
+            offload(self.vae, self.text_encoder)
         self.unet.to(ctx.device).train()
         if ctx.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()

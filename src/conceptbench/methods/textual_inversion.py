@@ -19,10 +19,12 @@ from ..train.method import (
     assemble_pipeline,
     MethodError,
     TrainContext,
+    base_pipeline,
     encode_latent_distribution,
     load_base_pipeline,
     load_image_folder,
     noise_and_target,
+    offload,
     sample_latents,
     tokenize,
 )
@@ -57,7 +59,7 @@ class TextualInversion(Method):
             raise MethodError(f"{self.name}: needs a folder of instance images")
         self.device, self.batch_size = ctx.device, ctx.batch_size
 
-        pipe = load_base_pipeline(ctx.base_model)
+        pipe = base_pipeline(ctx)
         self.tokenizer, self.text_encoder, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.vae
         self.unet, self.sample_scheduler = pipe.unet, pipe.scheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -69,7 +71,7 @@ class TextualInversion(Method):
 
         self.instance = encode_latent_distribution(self.vae, load_image_folder(ctx.data_dir, ctx.resolution),
                                                    ctx.device)
-        self.vae.to("cpu")
+        offload(self.vae)
         self.prompt_ids = tokenize(self.tokenizer, [expand(prompt, self.token, self.n)]).to(ctx.device)
         self.text_encoder.to(ctx.device)
         self.tokens.to(ctx.device)

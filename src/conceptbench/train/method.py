@@ -179,6 +179,21 @@ def load_base_pipeline(base_model: Path, dtype: torch.dtype = torch.float32):
     return pipe
 
 
+def base_pipeline(ctx: TrainContext, dtype: torch.dtype = torch.float32):
+    """The base pipeline a method trains from: ctx.pipeline if one was built, else loaded from ctx.base_model."""
+    if ctx.pipeline is not None:
+        return ctx.pipeline.to(dtype=dtype)
+    return load_base_pipeline(ctx.base_model, dtype=dtype)
+
+
+def offload(*modules) -> None:
+    """Move modules needed again only to save the artifact off the training device (on the meta device,
+    where the speed benchmark counts FLOPs on shapes alone, there is nothing to move)."""
+    for module in modules:
+        if next(module.parameters()).device.type != "meta":
+            module.to("cpu")
+
+
 def load_image_folder(folder: Path, resolution: int) -> torch.Tensor:
     """All images of a folder (sorted by name) as a float tensor [N, 3, R, R] in [-1, 1].
 
