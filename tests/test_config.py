@@ -174,12 +174,15 @@ def test_the_reward_decides_ddpo_inputs():
     assert cb.method_inputs(cfg["experiments"]["dreambooth"], {}) == ["data", "class_images"]
 
 
-def test_describe_lists_a_methods_arguments_with_defaults():
-    text = cb.describe("dreambooth")
+def test_describe_lists_a_methods_arguments_with_defaults(capsys):
+    from conceptbench.describe import describe
+
+    text = describe(cb.load_schema(), "dreambooth")
     assert "prior_loss_weight   number >= 0, default 1.0: λ, the weight of the class images' loss" in text
     assert "instance_prompt     string, required:" in text
     assert "inputs besides the base model: data, class_images" in text
     assert "cost: 1 s per step on one H100" in text
-    assert "checkpoint_every" in cb.describe("train") and "dreambooth:" in cb.describe()
-    with pytest.raises(cb.ConfigError, match="did you mean 'dreambooth'"):
-        cb.describe("dreambooh")
+    assert "checkpoint_every" in describe(cb.load_schema(), "train") and "dreambooth:" in describe(cb.load_schema())
+    assert cb._main(["--describe", "dreambooth"]) == 0 and capsys.readouterr().out == text + "\n"
+    assert cb._main(["--describe", "dreambooh"]) == 1
+    assert "did you mean 'dreambooth'" in capsys.readouterr().out

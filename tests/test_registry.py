@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conceptbench import config as cb
 from conceptbench import registry
+from conceptbench.describe import describe
 from conceptbench.train import MethodError, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_the_seventh_method_is_checked_like_the_others():
     with pytest.raises(cb.ConfigError, match=r"bitfit.sweep.param: extra_methods.bitfit has no argument 'train_norm'; "
                                              r"did you mean 'train_norms'\?"):
         cb.validate(bad)
-    text = cb.describe(BITFIT)
+    text = describe(cb.load_schema(), BITFIT)
     assert "train_norms      boolean, default false: Also train the normalisation layers' scales." in text
     assert "BitFit: train only the U-Net's bias terms" in text
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import os
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 
 from . import registry
+from .describe import describe
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 VARIANT_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -306,53 +306,6 @@ def eval_prompts(exp: dict) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------ python -m conceptbench.config --describe
-
-
-def _type_text(spec: dict) -> str:
-    """"number >= 0, default 1.0" for one schema fragment; "required" where it has no default."""
-    if "enum" in spec:
-        kind = " | ".join(map(str, spec["enum"]))
-    else:
-        kinds = spec.get("type", "any")
-        kind = " or ".join(kinds) if isinstance(kinds, list) else kinds
-    signs = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
-    bounds = [f"{sign} {spec[word]}" for word, sign in signs.items() if word in spec]
-    default = f"default {json.dumps(spec['default'])}" if "default" in spec else "required"
-    return ", ".join([" ".join([kind, bounds[0]]) if bounds else kind, *bounds[1:], default])
-
-
-def _key_lines(properties: dict) -> list[str]:
-    width = max(map(len, properties), default=0)
-    return [f"  {key:<{width}}  {_type_text(spec)}: {' '.join(str(spec.get('description', '')).split())}"
-            for key, spec in properties.items()]
-
-
-def describe(name: str | None = None, schema_path: Path = SCHEMA) -> str:
-    """A method's arguments, inputs and cost; a config section's keys; or, without a name, what there is."""
-    schema = load_schema(schema_path)
-    sections = {**{k: v for k, v in schema["properties"].items() if "properties" in v},
-                **{k: v for k, v in schema["$defs"].items() if k in ("train", "sampling", "experiment")}}
-    if name is None:
-        methods = [f"  {m}: {registry.declaration(m)['summary']}" for m in registry.available_methods()]
-        return "\n".join(["methods (experiments.<name>.method):", *methods,
-                          f"config sections: {', '.join(sections)}",
-                          "python -m conceptbench.config --describe NAME prints one of them."])
-    if name in sections:
-        return "\n".join([f"{name}: {' '.join(sections[name]['description'].split())}",
-                          *_key_lines(sections[name]["properties"])])
-    try:
-        decl = registry.declaration(name)
-    except (registry.UnknownMethod, ValueError) as e:
-        raise ConfigError(f"--describe: {e}; config sections: {', '.join(sections)}") from None
-    inputs = [k if when is True else f"{k} (when {', '.join(f'{a} = {v}' for a, v in when.items())})"
-              for k, when in decl["inputs"].items()]
-    return "\n".join([f"{name}: {decl['summary']}", f"  module: {decl['source']}",
-                      f"  inputs besides the base model: {', '.join(inputs) or 'none'}",
-                      f"  cost: {decl['h100_seconds_per_step']:g} s per step on one H100 at 512x512 (SLURM runtime)",
-                      "args (experiments.<name>.args):", *_key_lines(decl["args"])])
-
-
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conceptbench.config",
                                      description="Check a config, or describe the methods and config sections.")
@@ -362,12 +315,12 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.describe is not None:
-            print(describe(args.describe or None))
+            print(describe(load_schema(), args.describe or None))
         if args.config is not None:
             load(args.config)
             print(f"{args.config}: valid")
-    except ConfigError as e:
-        print(e)
+    except (LookupError, ValueError) as e:  # ConfigError, UnknownMethod, a method's bad declarations
+        print(f"error: {e}")
         return 1
     if args.describe is None and args.config is None:
         parser.print_help()
