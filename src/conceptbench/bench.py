@@ -101,16 +101,17 @@ def write_bench_data(root: Path, resolution: int) -> tuple[Path, Path]:
     return folders
 
 
-def bench_method(family: str, size: str, data: tuple[Path, Path], device: torch.device, rank: int,
-                 train: dict, **ctx_kwargs):
+def bench_method(family: str, size: str, data: tuple[Path, Path], device: torch.device, rank: int, train: dict):
     """The real method of `family` and its training context on a freshly built pipeline of `size`
     (on the meta device when `device` is meta): what the training loop gets in a train job."""
     args = {k: rank if v is None else v for k, v in BENCH_ARGS[family].items()}
     spec = {"seed": 0, "resolution": SIZES[size]["resolution"], "train": train, "args": args}
+    settings = train_config(spec)
     with torch.device(device) if device == META else contextlib.nullcontext():
         pipe = build(size)
     ctx = TrainContext(spec=spec, base_model=Path("."), data_dir=data[0], class_dir=data[1], device=device,
-                       mixed_precision=train.get("mixed_precision", "no"), pipeline=pipe, **ctx_kwargs)
+                       mixed_precision=settings["mixed_precision"],
+                       gradient_checkpointing=settings["gradient_checkpointing"], pipeline=pipe)
     return get_method(family)(args), ctx
 
 
@@ -167,8 +168,7 @@ def bench_train(family: str, args, device: torch.device, data: tuple[Path, Path]
     train_settings = dict(steps=steps, learning_rate=1e-6, mixed_precision=args.mixed_precision,
                           gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
                           log_every=steps, checkpoint_every=0)
-    method, ctx = bench_method(family, args.size, data, device, args.lora_rank, train_settings,
-                               gradient_checkpointing=args.gradient_checkpointing)
+    method, ctx = bench_method(family, args.size, data, device, args.lora_rank, train_settings)
     stamps = []
 
     def stamp(step: int) -> None:
