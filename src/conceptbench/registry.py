@@ -101,8 +101,9 @@ def declaration_of(path: Path) -> dict:
     found = {}
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for target in targets:
+        if not isinstance(node, (ast.Assign, ast.AnnAssign)):
+            continue
+        for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
             if isinstance(target, ast.Name) and target.id in DECLARED and node.value is not None:
                 try:
                     found[target.id] = ast.literal_eval(node.value)
@@ -117,7 +118,8 @@ def declaration_of(path: Path) -> dict:
     inputs = _mapping(path, "INPUTS", found["INPUTS"])
     for kind, when in inputs.items():
         if kind not in INPUT_KINDS:
-            raise ValueError(f"{path}: INPUTS has no kind {kind!r}{closest(kind, INPUT_KINDS)} (kinds: {', '.join(INPUT_KINDS)})")
+            raise ValueError(f"{path}: INPUTS has no kind {kind!r}{closest(kind, INPUT_KINDS)} "
+                             f"(kinds: {', '.join(INPUT_KINDS)})")
         if when is not True and not (isinstance(when, dict) and set(when) <= set(args)):
             raise ValueError(f"{path}: INPUTS[{kind!r}] must be true or {{argument: value}} of declared arguments")
     seconds = found["H100_SECONDS_PER_STEP"]

@@ -26,7 +26,7 @@ SIGMA_DATA = 0.5
 
 ARGS = {  # one JSON-schema fragment per argument (conceptbench/registry.py); no default: required
     "loss_type": {"enum": ["l2", "huber"], "default": "l2", "description": "Distance between student and target."},
-    "huber_c": {"type": "number", "exclusiveMinimum": 0, "default": 0.001, "description": "c of the pseudo-Huber loss."},
+    "huber_c": {"type": "number", "exclusiveMinimum": 0, "default": 0.001, "description": "Pseudo-Huber's c."},
     "num_ddim_timesteps": {"type": "integer", "minimum": 1, "default": 50,
                            "description": "Steps of the teacher's DDIM grid (the skipping step k is 1000 / this)."},
     "w_min": {"type": "number", "minimum": 0, "default": 5.0, "description": "Lowest guidance scale w drawn."},

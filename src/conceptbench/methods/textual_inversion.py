@@ -35,7 +35,7 @@ WEIGHT_NAME = "learned_embeds.safetensors"
 ARGS = {  # one JSON-schema fragment per argument (conceptbench/registry.py); no default: required
     "placeholder_token": {"type": "string", "minLength": 1, "description": "The new word, e.g. '<sks-cat>'."},
     "initializer_token": {"type": "string", "minLength": 1,
-                          "description": "The word whose embedding the vectors start from (several tokens: their mean)."},
+                          "description": "The word the vectors start from (several tokens: their mean)."},
     "num_vectors": {"type": "integer", "minimum": 1, "default": 1, "description": "N, vectors behind the placeholder."},
     "instance_prompt": {"type": ["string", "null"], "default": None,
                         "description": "The training prompt, with the placeholder; null: 'a photo of <placeholder>'."},
