@@ -100,3 +100,89 @@ def test_clip_t_prompt_replaces_the_placeholder():
     exp = cb.validate(copy.deepcopy(TINY))["experiments"]["dreambooth"]
     rows = cb.eval_prompts(exp)
     assert rows[0] == {"prompt": "sks dog in a bucket", "eval_prompt": "a dog in a bucket"}
+
+
+def _one_problem(cfg) -> str:
+    """The one line a bad config is refused with (after the 'invalid config:' header)."""
+    with pytest.raises(cb.ConfigError) as err:
+        cb.validate(cfg)
+    header, *lines = str(err.value).splitlines()
+    assert header == "invalid config:" and len(lines) == 1, str(err.value)
+    return lines[0].strip()
+
+
+DREAMBOOTH_KNOWN = "(known: class_prompt, instance_prompt, prior_loss_weight, train_text_encoder)"
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        (("experiments", "dreambooth", "sweep", "param"), "args.prior_los_weight",
+         "experiments.dreambooth.sweep.param: dreambooth has no argument 'prior_los_weight'; "
+         f"did you mean 'prior_loss_weight'? {DREAMBOOTH_KNOWN}"),
+        (("experiments", "dreambooth", "args", "prior_loss_wieght"), 0.3,
+         "experiments.dreambooth.args.prior_loss_wieght: dreambooth has no argument 'prior_loss_wieght'; "
+         f"did you mean 'prior_loss_weight'? {DREAMBOOTH_KNOWN}"),
+        (("experiments", "dreambooth", "args", "train_text_encoder"), "maybe",
+         "experiments.dreambooth.args.train_text_encoder: 'maybe' is not of type 'boolean'"),
+        (("experiments", "dreambooth", "args", "prior_loss_weight"), -1,
+         "experiments.dreambooth.args.prior_loss_weight: -1 is less than the minimum of 0"),
+        (("experiments", "dreambooth", "sweep", "values"), [0.5, -0.25],
+         "experiments.dreambooth.sweep.values.1: -0.25 is less than the minimum of 0 (args.prior_loss_weight)"),
+        (("experiments", "dreambooth", "sweep", "param"), "train.learning_rat",
+         "experiments.dreambooth.sweep.param: train has no key 'learning_rat'; did you mean 'learning_rate'?"),
+        (("experiments", "lcm", "args", "loss_type"), "hubber",
+         "experiments.lcm.args.loss_type: 'hubber' is not one of ['l2', 'huber']"),
+        (("experiments", "lora", "sweep", "param"), "args.snr_gamma",
+         "experiments.lora.args.rank: required by lora (no default): r, the adapter's rank."),
+        (("experiments", "lora", "class_images"), {"prompt": "a drawing", "count": 4},
+         "experiments.lora.class_images.count: method lora uses no class images (set it to 0)"),
+        (("experiments", "custom_diffusion_multi", "args", "extra_concepts"),
+         [{"data": "cat_toy", "modifier_token": "<new2>", "class_prompt": "toy"}],
+         "experiments.custom_diffusion_multi.args.extra_concepts.0: 'instance_prompt' is a required property"),
+        (("experiments", "dreambooth", "method"), "dreambooh",
+         "experiments.dreambooth.method: 'dreambooh' is not one of ['custom_diffusion', 'ddpo', 'dreambooth', 'lcm', "
+         "'lora', 'textual_inversion']; did you mean 'dreambooth'?"),
+        (("experiments", "dreambooth", "method"), "no_such_package.method",
+         "experiments.dreambooth.method: 'no_such_package.method': no such module on the Python path"),
+    ],
+)
+def test_method_arguments_are_checked_against_the_declaration(path, value, expected):
+    assert _one_problem(_broken(path, value)).startswith(expected)
+
+
+def test_arguments_get_the_declared_defaults_once():
+    """The config fills in what the method declares, and the method built from the spec reads the same."""
+    from conceptbench import registry
+
+    cfg = cb.validate(copy.deepcopy(TINY))
+    declared = registry.declaration("lcm")["args"]
+    spec = cb.resolve_variant(cfg, "lcm", "loss-huber")
+    assert spec["args"]["timestep_scaling"] == declared["timestep_scaling"]["default"] == 10.0
+    assert spec["args"]["loss_type"] == "huber" and spec["args"]["w_max"] == 15.0  # the sweep value; the config's
+    assert set(spec["args"]) == set(declared)
+    # Custom Diffusion's λ is DreamBooth's argument, declared once.
+    assert registry.declaration("custom_diffusion")["args"]["prior_loss_weight"] == \
+        registry.declaration("dreambooth")["args"]["prior_loss_weight"]
+
+
+def test_the_reward_decides_ddpo_inputs():
+    cfg = cb.validate(copy.deepcopy(TINY))
+    exp = cfg["experiments"]["ddpo"]
+    assert cb.method_inputs(exp, exp["args"]) == ["clip", "aesthetic"]
+    assert cb.method_inputs(exp, {**exp["args"], "reward": "brightness"}) == []
+    assert cb.method_inputs(cfg["experiments"]["dreambooth"], {}) == ["data", "class_images"]
+
+
+def test_describe_lists_a_methods_arguments_with_defaults(capsys):
+    from conceptbench.describe import describe
+
+    text = describe(cb.load_schema(), "dreambooth")
+    assert "prior_loss_weight   number >= 0, default 1.0: λ, the weight of the class images' loss" in text
+    assert "instance_prompt     string, required:" in text
+    assert "inputs besides the base model: data, class_images" in text
+    assert "cost: 1 s per step on one H100" in text
+    assert "checkpoint_every" in describe(cb.load_schema(), "train") and "dreambooth:" in describe(cb.load_schema())
+    assert cb._main(["--describe", "dreambooth"]) == 0 and capsys.readouterr().out == text + "\n"
+    assert cb._main(["--describe", "dreambooh"]) == 1
+    assert "did you mean 'dreambooth'" in capsys.readouterr().out

@@ -30,7 +30,8 @@ def step_done(step):  # called after the step and its checkpoint
 
 kind = task.pop("kind")
 if kind == "train":
-    run_training(**task, on_step_end=step_done)
+    from conceptbench.registry import build
+    run_training(build(task["spec"]), **task, on_step_end=step_done)
 elif kind == "evaluate":
     from conceptbench.metrics import evaluate
     plain_open = evaluate._open_rgb

@@ -22,14 +22,11 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import filter_repo_objects
 
 from conceptbench.metrics.aesthetic import AestheticMLP, load_aesthetic
-from conceptbench.models import hub
-from conceptbench.models.hub import (
-    HubContentError,
-    HubUnavailable,
-    convert_aesthetic,
-    fetch_dataset,
-    fetch_model,
-)
+from conceptbench import hub
+from conceptbench.data_hub import fetch_dataset
+from conceptbench.hub import HubContentError, HubUnavailable
+from conceptbench.models import hub as model_hub
+from conceptbench.models.hub import convert_aesthetic, fetch_model
 
 DINO = {"kind": "dinov2", "repo": "facebook/dinov2-small", "revision": "150c8e7bb7cef2d30ec31b13a517af14840ee3f7"}
 SD15 = {
@@ -257,7 +254,7 @@ def test_diffusion_fetch_takes_fp32_diffusers_files_only(online, monkeypatch, tm
     fake = FakeHub(monkeypatch, _sd15_files())
     out = fetch_model("sd15", SD15, tmp_path / "models" / "sd15")
     got = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert got == sorted(hub.REQUIRED_FILES["diffusion"] + [
+    assert got == sorted(model_hub.REQUIRED_FILES["diffusion"] + [
         "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", hub.SOURCE_FILE,
     ])
     assert all(c["revision"] == "c" * 40 for c in fake.calls)  # the resolved commit, not a branch
@@ -334,7 +331,7 @@ def test_aesthetic_fetch_downloads_the_pth_and_converts_it(online, monkeypatch, 
     model = _laion_like_pth(tmp_path / "head.pth")
     raw = (tmp_path / "head.pth").read_bytes()
     fake = FakeHub(monkeypatch, {AESTHETIC["filename"]: raw, "README.md": b"r", "other.pth": b"o"})
-    digest = hub._sha256(tmp_path / "head.pth")
+    digest = model_hub._sha256(tmp_path / "head.pth")
     out = fetch_model("aesthetic", {**AESTHETIC, "sha256": digest}, tmp_path / "models" / "aesthetic")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", hub.SOURCE_FILE, "model.safetensors"]
     assert fake.calls[-1]["allow_patterns"] == [AESTHETIC["filename"]]
@@ -391,5 +388,5 @@ def test_bare_sequential_state_dict_is_accepted(tmp_path):
 
 def test_convert_aesthetic_cli(tmp_path):
     _laion_like_pth(tmp_path / "h.pth")
-    assert hub._main(["convert-aesthetic", str(tmp_path / "h.pth"), str(tmp_path / "out")]) == 0
+    assert model_hub._main(["convert-aesthetic", str(tmp_path / "h.pth"), str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]

@@ -12,6 +12,7 @@ import time
 import torch
 
 from conceptbench.io import read_jsonl
+from conceptbench.registry import build
 from conceptbench.train import run_training
 from conceptbench.train.checkpoint import CHECKPOINT
 
@@ -20,8 +21,10 @@ DRIVER = """
 import json, sys
 from conceptbench.jobs import job
 with job(sys.argv[2]):
+    from conceptbench.registry import build
     from conceptbench.train import run_training
-    run_training(**json.loads(sys.argv[1]), device="cpu", threads=1)
+    kwargs = json.loads(sys.argv[1])
+    run_training(build(kwargs["spec"]), **kwargs, device="cpu", threads=1)
 """
 
 
@@ -52,7 +55,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tiny_pipeline_
     assert f"SIGTERM after step {saved} of 40" in job_log.read_text()
     assert [r["step"] for r in read_jsonl(loss_log)] == list(range(1, saved + 1))
 
-    summary = run_training(**kwargs, device="cpu", threads=1)
+    summary = run_training(build(spec), **kwargs, device="cpu", threads=1)
     assert summary["resumed_from_step"] == saved
     assert [r["step"] for r in read_jsonl(tmp_path / "loss.jsonl")] == list(range(1, 41))
     assert not (tmp_path / "work" / CHECKPOINT).exists()

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conceptbench.io import read_jsonl
 from conceptbench.config import ConfigError
+from conceptbench.registry import build
 from conceptbench.train import Method, NonFiniteLoss, TrainContext, run_training, step_generator, train, train_config
 from conceptbench.train.checkpoint import CHECKPOINT
 
@@ -45,7 +46,8 @@ class Toy(Method):
 
 
 def toy_run(tmp_path, on_step_end=None, args=None, **train_overrides):
-    spec = {"seed": 0, "train": {"steps": 6, "learning_rate": 0.05, "checkpoint_every": 2, **train_overrides}}
+    spec = {"seed": 0, "train": {"steps": 6, "learning_rate": 0.05, "checkpoint_every": 2, "log_every": 1,
+                                 **train_overrides}}
     method = Toy(args or {})
     ctx = TrainContext(spec=spec, base_model=tmp_path, data_dir=tmp_path, class_dir=None,
                        device=torch.device("cpu"), mixed_precision=spec["train"].get("mixed_precision", "no"))
@@ -72,8 +74,9 @@ def test_step_generator_is_a_function_of_seed_and_step():
 def test_dreambooth_resume_is_bitwise_identical(tiny_pipeline_dir, instance_dir, class_dir, dreambooth_spec, tmp_path):
     def run(name, hook=None):
         out = tmp_path / name
-        return out, run_training(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir, out / "artifact",
-                                 out / "work", out / "loss.jsonl", out / "summary.json", device="cpu", on_step_end=hook)
+        return out, run_training(build(dreambooth_spec), dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir,
+                                 out / "artifact", out / "work", out / "loss.jsonl", out / "summary.json", device="cpu",
+                                 on_step_end=hook)
 
     whole, _ = run("whole")
     with pytest.raises(Crash):

@@ -97,12 +97,23 @@ def test_downloads_run_on_the_submit_host_unless_told_otherwise(tmp_path, on_sub
     assert local == ({"fetch_model", "fetch_dataset"} if on_submit_host else set())
 
 
-def test_bad_config_stops_before_any_job(tmp_path):
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("train", "steps", -1, "experiments.dreambooth.train.steps: -1 is less than the minimum of 1"),
+    ("sweep", "param", "args.prior_los_weight", "experiments.dreambooth.sweep.param: dreambooth has no argument "
+                                                "'prior_los_weight'; did you mean 'prior_loss_weight'?"),
+    ("args", "prior_loss_wieght", 0.3, "experiments.dreambooth.args.prior_loss_wieght: dreambooth has no argument "
+                                       "'prior_loss_wieght'; did you mean 'prior_loss_weight'?"),
+    ("args", "train_text_encoder", "maybe",
+     "experiments.dreambooth.args.train_text_encoder: 'maybe' is not of type 'boolean'"),
+    ("args", "prior_loss_weight", -1, "experiments.dreambooth.args.prior_loss_weight: -1 is less than the minimum of 0"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, section, key, value, expected):
     cfg = copy.deepcopy(TINY)
-    cfg["experiments"]["dreambooth"]["train"]["steps"] = -1
+    cfg["experiments"]["dreambooth"][section][key] = value
     proc = snakemake(tmp_path, "-n", "--configfile", str(write_config(tmp_path / "bad.yaml", cfg)), check=False)
     assert proc.returncode != 0
-    assert "experiments.dreambooth.train.steps: -1 is less than the minimum of 1" in proc.stdout + proc.stderr
+    assert expected in proc.stdout + proc.stderr
+    assert "rule " not in proc.stdout  # no job was listed
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@
 
 Models are built from configs with random weights (speed does not depend on weight values, so no
 hub is needed): `--size full` is SD v1.5's architecture, `--size tiny` the embedded default's tiny
-components. Training runs the real loop (train.core.train) on each method family's trainable set,
-built with the method modules' own helpers; sampling times the stock pipeline through
+components. Training runs the real method classes (DreamBooth, LoRA, Textual Inversion, Custom Diffusion)
+in the real loop (train.core.train), each handed a freshly built pipeline (TrainContext.pipeline) and a
+few random images to encode at setup; sampling times the stock pipeline through
 sample.pipeline_latency, plain and with the fast paths (fastpaths.py). Each timing is set against
 its FLOP floor: FLOPs counted with torch's FlopCounterMode on the same models built on the meta device
 (shapes only: the same count on every machine, in seconds even at full size), divided by the device
@@ -19,6 +20,7 @@ Writes bench.json and bench.md into --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import platform
@@ -27,16 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import runtime
 from .fastpaths import apply_fast_paths
-from .io import write_json, write_text
+from .io import write_json, write_jsonl, write_text
 from .models.tiny import TINY_DIFFUSION, build_tiny_pipeline
+from .registry import declaration, get_method
 from .sample import pipeline_latency
-from .train.core import train, train_config
-from .train.method import Method, TrainContext, encode_prompts, noise_and_target, tokenize
+from .train import TrainContext, train, train_config
 
 # SD v1.5's architecture (unet/, vae/ and text_encoder/ config.json of the released pipeline).
 SD15 = dict(
@@ -58,10 +61,11 @@ META = torch.device("meta")
 
 
 def build(size: str, lcm: bool = False):
-    """A StableDiffusionPipeline of `size` with random weights (seed 0) on the CPU; LCM's U-Net has a w-embedding."""
+    """A StableDiffusionPipeline of `size` with random weights (seed 0) on the CPU; LCM's U-Net has its
+    w-embedding (of the LCM method's default width)."""
     spec = copy.deepcopy(SIZES[size])
     if lcm:
-        spec["unet"]["time_cond_proj_dim"] = 256
+        spec["unet"]["time_cond_proj_dim"] = declaration("lcm")["args"]["time_cond_proj_dim"]["default"]
     pipe = build_tiny_pipeline(None, seed=0, spec=spec)
     if lcm:
         from diffusers import LCMScheduler
@@ -70,80 +74,45 @@ def build(size: str, lcm: bool = False):
     return pipe
 
 
-class BenchMethod(Method):
-    """One method family's trainable set and loss, on prebuilt components, as its method module trains it.
+# Each timed method's arguments (the rest: its declared defaults), the study's settings where they matter.
+BENCH_ARGS = {
+    "dreambooth": {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of a dog"},
+    "lora": {"rank": None},  # --lora-rank
+    "textual_inversion": {"placeholder_token": "<bench>", "initializer_token": "dog"},
+    "custom_diffusion": {"modifier_token": "<bench>", "instance_prompt": "a photo of <bench> dog",
+                         "class_prompt": "a photo of a dog"},
+}
+FAMILIES = tuple(BENCH_ARGS)
+DATA_IMAGES = 4  # random images per folder: what setup encodes, not what a step costs
 
-    dreambooth: full U-Net, instance + class latent (prior preservation), cached prompt embeddings;
-    lora: peft rank-r adapter on to_q/to_k/to_v/to_out.0, frozen base in the autocast dtype, cached
-    latents and caption embeddings (the method's cache_latents default); textual_inversion: one
-    embedding row (text encoder and U-Net frozen, backward through both); custom_diffusion:
-    cross-attention k/v plus a modifier-token row, instance + class latent.
-    """
 
-    def __init__(self, family: str, pipe, rank: int = 16):
-        super().__init__({})
-        self.name, self.pipe, self.rank = family, pipe, rank
+def write_bench_data(root: Path, resolution: int) -> tuple[Path, Path]:
+    """Instance (with captions, for LoRA) and class image folders of random pixels at `resolution`."""
+    from PIL import Image
 
-    def setup(self, ctx: TrainContext) -> None:
-        from diffusers import DDPMScheduler
+    rng = np.random.default_rng(0)
+    folders = root / "data", root / "class"
+    for folder in folders:
+        folder.mkdir(parents=True)
+        for i in range(DATA_IMAGES):
+            Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        write_jsonl(folder / "metadata.jsonl", [{"file_name": f"{i}.png", "text": "a photo of a dog"}
+                                                for i in range(DATA_IMAGES)])
+    return folders
 
-        from .methods._lora import add_lora
-        from .methods._tokens import TrainableTokens
-        from .methods.custom_diffusion import cross_attention_processors
 
-        p, fam = self.pipe, self.name
-        self.device, self.unet, self.text_encoder, self.vae, self.tokenizer = ctx.device, p.unet, p.text_encoder, p.vae, p.tokenizer
-        self.noise_scheduler = DDPMScheduler.from_config(p.scheduler.config)
-        for m in (self.unet, self.text_encoder, self.vae):
-            m.requires_grad_(False).eval()
-        if fam == "lora":  # the frozen base may be held in the autocast dtype; the adapter stays fp32
-            frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
-            for m in (self.unet, self.text_encoder, self.vae):
-                m.to(dtype=frozen)
-        self.n = 2 if fam in ("dreambooth", "custom_diffusion") else 1  # prior preservation doubles the batch
-        side = ctx.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_shape = (self.n, self.vae.config.latent_channels, side, side)
-        self.prompts = ["a photo of <bench>", "a photo of a dog"][: self.n]
-        if fam == "dreambooth":
-            self.unet.requires_grad_(True).train()
-            self.params = list(self.unet.parameters())
-        elif fam == "lora":
-            self.params = add_lora(self.unet, self.rank)
-            self.unet.train()
-        if fam in ("dreambooth", "lora"):  # prompt embeddings cached, as both methods do
-            with torch.no_grad():
-                self.cond = encode_prompts(self.tokenizer, self.text_encoder.to(ctx.device), self.prompts)
-        else:
-            tokens = TrainableTokens(self.tokenizer, self.text_encoder, ["<bench>"], ["dog"], fam)
-            self.params = [tokens.vectors]
-            if fam == "custom_diffusion":
-                procs = cross_attention_processors(self.unet, train_q_out=False)
-                self.unet.set_attn_processor({**self.unet.attn_processors, **procs})
-                self.params += [q for proc in procs.values() for q in proc.parameters()]
-            tokens.to(ctx.device)
-            self.ids = tokenize(self.tokenizer, self.prompts).to(ctx.device)
-        for m in (self.unet, self.text_encoder, self.vae):
-            m.to(ctx.device)
-        if ctx.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": self.params}]
-
-    def batch(self, step: int, generator: torch.Generator) -> dict:
-        latents = torch.randn(self.latent_shape, generator=generator).to(self.device)
-        noisy, timesteps, target = noise_and_target(self.noise_scheduler, latents, generator)
-        return dict(noisy=noisy, timesteps=timesteps, target=target)
-
-    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        from .methods.dreambooth import dreambooth_loss
-
-        if self.name in ("dreambooth", "lora"):
-            cond = self.cond
-        else:
-            cond = self.text_encoder(self.ids)[0]
-        pred = self.unet(batch["noisy"], batch["timesteps"], cond).sample
-        return dreambooth_loss(pred, batch["target"], 1, 1.0)
+def bench_method(family: str, size: str, data: tuple[Path, Path], device: torch.device, rank: int, train: dict):
+    """The real method of `family` and its training context on a freshly built pipeline of `size`
+    (on the meta device when `device` is meta): what the training loop gets in a train job."""
+    args = {k: rank if v is None else v for k, v in BENCH_ARGS[family].items()}
+    spec = {"seed": 0, "resolution": SIZES[size]["resolution"], "train": train, "args": args}
+    settings = train_config(spec)
+    with torch.device(device) if device == META else contextlib.nullcontext():
+        pipe = build(size)
+    ctx = TrainContext(spec=spec, base_model=Path("."), data_dir=data[0], class_dir=data[1], device=device,
+                       mixed_precision=settings["mixed_precision"],
+                       gradient_checkpointing=settings["gradient_checkpointing"], pipeline=pipe)
+    return get_method(family)(args), ctx
 
 
 def count_flops(fn) -> int:
@@ -152,26 +121,28 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def train_flops(family: str, size: str, rank: int) -> dict:
-    """FLOPs of one training step of `family` and its trainable parameters, counted on the meta device.
+def train_flops(family: str, size: str, rank: int, data: tuple[Path, Path]) -> dict:
+    """FLOPs of one training step of `family` (drawing the batch and its forward and backward) and its
+    trainable parameters and latents per step, counted on the meta device.
 
-    One forward and backward without gradient checkpointing's recompute: the model's own work. (On real
-    CPU tensors FlopCounterMode would miss attention, whose CPU SDPA kernel it has no formula for.)
+    Without gradient checkpointing's recompute: the model's own work. (On real CPU tensors FlopCounterMode
+    would miss attention, whose CPU SDPA kernel it has no formula for.)
     """
-    ctx = TrainContext(spec={"seed": 0, "resolution": SIZES[size]["resolution"]}, base_model=Path("."),
-                       data_dir=None, class_dir=None, device=META, mixed_precision="no")
+    method, ctx = bench_method(family, size, data, META, rank, {"steps": 1, "learning_rate": 1e-6})
     with META:
-        method = BenchMethod(family, build(size), rank=rank)
         method.setup(ctx)
+    latents = []
 
     def step():
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             batch = method.batch(0, g)
+        latents.append(batch["noisy"].shape[0])
         method.loss(batch, g).backward()
 
-    return dict(batch_latents=method.n, trainable_params=sum(p.numel() for p in method.params),
-                flops_per_step=count_flops(step))
+    flops = count_flops(step)
+    params = [p for group in method.param_groups() for p in group["params"]]
+    return dict(batch_latents=latents[0], trainable_params=sum(p.numel() for p in params), flops_per_step=flops)
 
 
 def sampling_flops(size: str, sampler: str) -> int:
@@ -191,16 +162,13 @@ def sampling_flops(size: str, sampler: str) -> int:
     return s["steps"] * unet + vae
 
 
-def bench_train(family: str, args, device: torch.device) -> dict:
+def bench_train(family: str, args, device: torch.device, data: tuple[Path, Path]) -> dict:
     """Steps/s (median step after warm-up) and peak memory of `family` in the real training loop."""
-    method = BenchMethod(family, build(args.size), rank=args.lora_rank)
     steps = args.warmup + args.train_steps
-    cfg = train_config({"train": dict(steps=steps, learning_rate=1e-6, mixed_precision=args.mixed_precision,
-                                      gradient_checkpointing=args.gradient_checkpointing,
-                                      optimizer=args.optimizer, log_every=steps, checkpoint_every=0)})
-    ctx = TrainContext(spec={"seed": 0, "resolution": SIZES[args.size]["resolution"]}, base_model=Path("."),
-                       data_dir=None, class_dir=None, device=device, mixed_precision=args.mixed_precision,
-                       gradient_checkpointing=args.gradient_checkpointing)
+    train_settings = dict(steps=steps, learning_rate=1e-6, mixed_precision=args.mixed_precision,
+                          gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                          log_every=steps, checkpoint_every=0)
+    method, ctx = bench_method(family, args.size, data, device, args.lora_rank, train_settings)
     stamps = []
 
     def stamp(step: int) -> None:
@@ -208,7 +176,7 @@ def bench_train(family: str, args, device: torch.device) -> dict:
         stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as work:
-        summary = train(method, ctx, cfg, Path(work), on_step_end=stamp)
+        summary = train(method, ctx, train_config(ctx.spec), Path(work), on_step_end=stamp)
     step_ms = statistics.median((b - a) * 1000 for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:]))
     return dict(step_ms=step_ms, steps_per_s=1000 / step_ms, timed_steps=args.train_steps,
                 peak_mem_bytes=summary["peak_mem_bytes"], peak_mem_source=summary["peak_mem_source"],
@@ -323,17 +291,19 @@ def run(argv=None) -> dict:
     args.mixed_precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     result = dict(machine=machine(device), settings={k: str(v) if isinstance(v, Path) else v
                                                      for k, v in vars(args).items()}, train=[], sample=[])
-    for family in filter(None, args.methods.split(",")):
-        if family not in FAMILIES:
-            raise SystemExit(f"--methods: unknown {family!r}; known: {', '.join(FAMILIES)}")
-        row = dict(method=family, **train_flops(family, args.size, args.lora_rank))
-        row["floor_ms"] = row["flops_per_step"] / args.peak_flops * 1000
-        if not args.flops_only:
-            row.update(bench_train(family, args, device))
-            row["ratio_to_floor"] = row["step_ms"] / row["floor_ms"]
-        result["train"].append(row)
-        print(row, flush=True)
-        free_memory(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_bench_data(Path(tmp), SIZES[args.size]["resolution"])
+        for family in filter(None, args.methods.split(",")):
+            if family not in FAMILIES:
+                raise SystemExit(f"--methods: unknown {family!r}; known: {', '.join(FAMILIES)}")
+            row = dict(method=family, **train_flops(family, args.size, args.lora_rank, data))
+            row["floor_ms"] = row["flops_per_step"] / args.peak_flops * 1000
+            if not args.flops_only:
+                row.update(bench_train(family, args, device, data))
+                row["ratio_to_floor"] = row["step_ms"] / row["floor_ms"]
+            result["train"].append(row)
+            print(row, flush=True)
+            free_memory(device)
     for sampler in filter(None, args.samplers.split(",")):
         if sampler not in SAMPLERS:
             raise SystemExit(f"--samplers: unknown {sampler!r}; known: {', '.join(SAMPLERS)}")

@@ -3,12 +3,18 @@
 A config names models, datasets and experiments; every experiment sweeps one hyperparameter, and
 each value becomes a variant named `label-value` (e.g. `lambda-0.25`). `resolve_variant` turns an
 (experiment, variant) pair into the plain dict a training job receives through `params:`, so a
-changed value invalidates that variant's chain and nothing else.
+changed value invalidates that variant's chain and nothing else. An experiment's `args` are checked
+against the arguments its method declares (registry.py), with their defaults filled in.
+
+    python -m conceptbench.config --describe dreambooth    # a method's arguments, inputs and cost
+    python -m conceptbench.config --describe train         # a config section's keys (train, sampling, ...)
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import functools
 import os
 import re
 from importlib import resources
@@ -16,6 +22,9 @@ from pathlib import Path
 
 import yaml
 from jsonschema import Draft202012Validator, validators
+
+from . import registry
+from .describe import describe
 
 # Package data, so an installed package (not only a checkout) finds it.
 SCHEMA = resources.files("conceptbench") / "schemas" / "config.schema.yaml"
@@ -49,25 +58,111 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def _describe(error) -> str:
+def _describe(error, *prefix) -> str:
     # A oneOf failure is clearest through the branch that got furthest into the value; when no
     # branch got past the value itself, the schema's description says what was expected.
+    key = _key([*prefix, *error.absolute_path])
     if error.context:
         best = max(error.context, key=lambda e: (len(e.relative_path), -len(e.message)))
         if not best.relative_path:
-            return f"{_key(error.absolute_path)}: {error.schema.get('description', error.message).strip()}"
-        return _describe(best)
-    return f"{_key(error.absolute_path)}: {error.message}"
+            return f"{key}: {error.schema.get('description', error.message).strip()}"
+        return _describe(best, *prefix)
+    return f"{key}: {error.message}"
+
+
+@functools.cache
+def load_schema(schema_path: Path = SCHEMA) -> dict:
+    """The config schema (read once per process; treat it as read-only)."""
+    return yaml.safe_load(Path(schema_path).read_text())
+
+
+def defaults(section: str, schema_path: Path = SCHEMA) -> dict:
+    """The schema's default of each key of a config section (train, sampling, evaluation, ...): the one
+    place they are written; the training loop and sampling read them from here."""
+    schema = load_schema(schema_path)
+    node = schema["$defs"][section] if section in schema["$defs"] else schema["properties"][section]
+    return {key: copy.deepcopy(spec["default"]) for key, spec in node["properties"].items() if "default" in spec}
 
 
 def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
     """Fill defaults into `config` in place and check it; raise ConfigError naming every bad key."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = load_schema(schema_path)
     errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in errors))
-    _check_references(config)
+    _check_references(config, schema)
     return config
+
+
+def check_args(method: str, declared: dict, args: dict, where: str) -> list[str]:
+    """Problems of `args` against the arguments `method` declares, each naming its key; fills in defaults.
+
+    A missing required argument is not among them: a sweep may supply it (see _method_problems)."""
+    problems = [f"{where}.{key}: {registry.unknown_argument(method, key, declared)}" for key in args
+                if key not in declared]
+    validator = _Validator({"type": "object", "properties": declared})
+    return problems + [_describe(e, where) for e in validator.iter_errors(args)]
+
+
+def _method_problems(where: str, exp: dict, config: dict) -> list[str]:
+    """The experiment's method exists; its args and a sweep over args.* fit what it declares; its inputs exist."""
+    method, args = exp["method"], exp["args"]
+    try:
+        decl = registry.declaration(method)
+    except (registry.UnknownMethod, ValueError) as e:
+        return [f"{where}.method: {e}"]
+    declared = decl["args"]
+    problems = check_args(method, declared, args, f"{where}.args")
+    section, key = exp["sweep"]["param"].split(".")
+    if section == "args" and key not in declared:
+        problems.append(f"{where}.sweep.param: {registry.unknown_argument(method, key, declared)}")
+    for name, spec in declared.items():
+        if "default" not in spec and name not in args and (section, key) != ("args", name):
+            problems.append(f"{where}.args.{name}: required by {method} (no default): {spec['description']}")
+    if "data" in decl["inputs"] and not exp["data"]:
+        problems.append(f"{where}.data: method {method} needs a training dataset")
+    if exp["class_images"]["count"] and "class_images" not in decl["inputs"]:
+        problems.append(f"{where}.class_images.count: method {method} uses no class images (set it to 0)")
+    variant_args = [{**args, key: v} for v in exp["sweep"]["values"]] if section == "args" else [args]
+    roles = {kind for a in variant_args for kind in method_inputs(exp, a)} & set(config["metrics"])
+    for role in sorted(roles):
+        if config["metrics"][role] not in config["models"]:
+            problems.append(f"metrics.{role}: {config['metrics'][role]!r} is not in models, but {where}'s method "
+                            f"{method} takes it as input")
+    return problems
+
+
+def method_inputs(exp: dict, args: dict) -> list[str]:
+    """The input kinds (registry.INPUT_KINDS) the experiment's method takes with these args."""
+    kinds = []
+    for kind, when in registry.declaration(exp["method"])["inputs"].items():
+        if when is not True and any(args.get(k) != v for k, v in when.items()):
+            continue
+        if (kind == "class_images" and not exp["class_images"]["count"]) or (
+                kind == "extra_concepts" and not args.get("extra_concepts")):
+            continue
+        kinds.append(kind)
+    return kinds
+
+
+def _sweep_problems(where: str, exp: dict, schema: dict) -> list[str]:
+    """The swept key exists in its section and each value fits that key's schema."""
+    section, key = exp["sweep"]["param"].split(".")
+    if section == "args":
+        try:
+            known = registry.declaration(exp["method"])["args"]
+        except (registry.UnknownMethod, ValueError):
+            return []  # said by _method_problems
+        if key not in known:
+            return []  # said by _method_problems, with the method's name
+    else:
+        known = schema["$defs"][section]["properties"]
+        if key not in known:
+            return [f"{where}.sweep.param: {section} has no key {key!r}{registry.closest(key, known)} "
+                    f"(known: {', '.join(known)})"]
+    validator = Draft202012Validator(known[key])
+    return [f"{where}.sweep.values.{i}: {e.message} ({section}.{key})"
+            for i, value in enumerate(exp["sweep"]["values"]) for e in validator.iter_errors(value)]
 
 
 def load(path: str | Path, schema_path: Path = SCHEMA) -> dict:
@@ -81,7 +176,7 @@ def load(path: str | Path, schema_path: Path = SCHEMA) -> dict:
     return validate(config, schema_path)
 
 
-def _check_references(config: dict) -> None:
+def _check_references(config: dict, schema: dict) -> None:
     problems = []
     models, datasets = config["models"], config["datasets"]
     for name, exp in enabled_experiments(config).items():
@@ -91,8 +186,8 @@ def _check_references(config: dict) -> None:
             problems.append(f"{where}.base_model: {exp['base_model']!r} is not in models ({', '.join(models)})")
         elif base["kind"] != "diffusion":
             problems.append(f"{where}.base_model: {exp['base_model']!r} is a {base['kind']} model, expected diffusion")
-        if exp["method"] != "ddpo" and not exp["data"]:
-            problems.append(f"{where}.data: method {exp['method']} needs a training dataset")
+        problems += _method_problems(where, exp, config)
+        problems += _sweep_problems(where, exp, schema)
         if exp["data"] and exp["data"] not in datasets:
             problems.append(f"{where}.data: {exp['data']!r} is not in datasets ({', '.join(datasets)})")
         needs_refs = REFERENCE_METRICS & set(exp["metrics"])
@@ -110,10 +205,6 @@ def _check_references(config: dict) -> None:
         if ci["count"] and not ci["prompt"]:
             problems.append(f"{where}.class_images.prompt: needed when class_images.count > 0")
         problems += _retrieval_problems(where, exp, datasets)
-        section, key = exp["sweep"]["param"].split(".")
-        known = exp[section] if section != "args" else None
-        if known is not None and key not in known:
-            problems.append(f"{where}.sweep.param: {section} has no key {key!r} (known: {', '.join(known)})")
         names = [variant_name(exp, v) for v in exp["sweep"]["values"]]
         for n in names:
             if not VARIANT_RE.match(n):
@@ -145,7 +236,7 @@ def _retrieval_problems(where: str, exp: dict, datasets: dict) -> list[str]:
         problems.append(f"{where}.class_images.pool: {ci['pool']!r} is not in datasets ({', '.join(datasets)})")
     extras = exp["args"].get("extra_concepts") or []
     if not isinstance(extras, list):
-        return problems + [f"{where}.args.extra_concepts: expected a list of concepts"]
+        return problems  # said by check_args
     for i, concept in enumerate(extras):
         if not isinstance(concept, dict) or concept.get("data") not in datasets:
             data = concept.get("data") if isinstance(concept, dict) else concept
@@ -195,8 +286,8 @@ def resolve_variant(config: dict, experiment: str, variant: str) -> dict:
         "args": copy.deepcopy(exp["args"]),
     }
     spec[section][key] = value
-    if exp["class_images"]["count"]:
-        spec["args"].setdefault("class_prompt", exp["class_images"]["prompt"])
+    if exp["class_images"]["count"] and "class_prompt" in spec["args"] and spec["args"]["class_prompt"] is None:
+        spec["args"]["class_prompt"] = exp["class_images"]["prompt"]  # a method taking class images declares it
     return spec
 
 
@@ -215,3 +306,28 @@ def eval_prompts(exp: dict) -> list[dict]:
             scored = scored.replace(phrase, replacement)
         rows.append({"prompt": prompt, "eval_prompt": " ".join(scored.split())})
     return rows
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conceptbench.config",
+                                     description="Check a config, or describe the methods and config sections.")
+    parser.add_argument("config", nargs="?", type=Path, help="a config file to validate")
+    parser.add_argument("--describe", nargs="?", const="", metavar="NAME",
+                        help="a method (its arguments with defaults), a config section, or nothing: the list")
+    args = parser.parse_args(argv)
+    try:
+        if args.describe is not None:
+            print(describe(load_schema(), args.describe or None))
+        if args.config is not None:
+            load(args.config)
+            print(f"{args.config}: valid")
+    except (LookupError, ValueError) as e:  # ConfigError, UnknownMethod, a method's bad declarations
+        print(f"error: {e}")
+        return 1
+    if args.describe is None and args.config is None:
+        parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -23,10 +23,13 @@ import logging
 
 import torch
 
+from .config import defaults
+
 log = logging.getLogger(__name__)
 
-FAST_PATH_DEFAULTS = dict(attention="sdpa", channels_last=False, tf32=True, compile=False,
-                          compile_mode="default", upcast_vae=True, fuse_lora=True, fold_custom_diffusion=True)
+FAST_PATH_KEYS = ("attention", "channels_last", "tf32", "compile", "compile_mode", "upcast_vae", "fuse_lora",
+                  "fold_custom_diffusion")
+FAST_PATH_DEFAULTS = {k: v for k, v in defaults("sampling").items() if k in FAST_PATH_KEYS}  # the config schema's
 ATTENTION = ("classic", "sdpa", "sdpa_fused")
 
 

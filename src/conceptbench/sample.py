@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from . import runtime
+from .config import defaults
 from .fastpaths import apply_fast_paths
 from .io import atomic_path, write_json, write_jsonl
 
@@ -54,7 +55,7 @@ def sample(pipe, prompts: list[dict], seeds: list[int], steps: int, guidance_sca
     return rows
 
 
-def measure_latency(fn: Callable[[], object], warmup: int = 1, repeats: int = 5,
+def measure_latency(fn: Callable[[], object], warmup: int, repeats: int,
                     sync: Callable[[], None] | None = None) -> dict:
     """Time `fn()`: `warmup` untimed-for-the-median calls, then the median of `repeats` timed calls.
 
@@ -79,8 +80,8 @@ def measure_latency(fn: Callable[[], object], warmup: int = 1, repeats: int = 5,
     return dict(median_ms=statistics.median(all_ms), all_ms=all_ms, warmup_ms=warmup_ms)
 
 
-def pipeline_latency(pipe, prompt: str, steps: int, guidance_scale: float, resolution: int,
-                     warmup: int = 1, repeats: int = 5, seed: int = 0, batch_size: int = 1, **call_kwargs) -> dict:
+def pipeline_latency(pipe, prompt: str, steps: int, guidance_scale: float, resolution: int, *,
+                     warmup: int, repeats: int, seed: int = 0, batch_size: int = 1, **call_kwargs) -> dict:
     """Latency of one call making `batch_size` images (default 1) with `pipe`, end to end including VAE decode."""
     pipe.set_progress_bar_config(disable=True)
 
@@ -95,7 +96,15 @@ def pipeline_latency(pipe, prompt: str, steps: int, guidance_scale: float, resol
                 device=str(device), dtype=str(pipe.dtype).removeprefix("torch."))
 
 
-SAMPLING_DEFAULTS = dict(steps=30, guidance_scale=7.5, batch_size=4, dtype="fp32", latency_warmup=1, latency_repeats=5)
+LATENCY_WARMUP = 1  # untimed generations before the timed ones (the first pays for lazy setup)
+
+
+def sampling_config(spec: dict, cfg: dict) -> dict:
+    """`cfg` over the config schema's defaults: sampling.*, evaluation.batch_size and latency_repeats, and the
+    spec's resolution."""
+    evaluation = defaults("evaluation")
+    return {**defaults("sampling"), "batch_size": evaluation["batch_size"],
+            "latency_repeats": evaluation["latency_repeats"], "resolution": spec["resolution"], **cfg}
 
 
 def run_sampling(spec: dict, base_model: Path, artifact_dir: Path, cfg: dict, out_dir: Path, *,
@@ -103,13 +112,13 @@ def run_sampling(spec: dict, base_model: Path, artifact_dir: Path, cfg: dict, ou
     """Sample a trained variant into out_dir: the PNGs, samples.jsonl and latency.json.
 
     The pipeline comes from the loader of spec["method"]. cfg: prompts ([{prompt, eval_prompt}]),
-    seeds, steps, guidance_scale, batch_size, resolution (default spec["resolution"]),
-    dtype ("fp32" | "fp16" | "bf16"), latency_warmup, latency_repeats (0: no latency run,
-    median_ms null). out_dir appears only once complete.
+    seeds, and any of the sampling settings (sampling_config: steps, guidance_scale, dtype, the fast
+    paths, batch_size, resolution, latency_repeats, 0 for no latency run and median_ms null).
+    out_dir appears only once complete.
     """
     from .methods import get_method
 
-    cfg = {**SAMPLING_DEFAULTS, "resolution": spec.get("resolution", 512), **cfg}
+    cfg = sampling_config(spec, cfg)
     runtime.set_threads(threads)
     dev = runtime.pick_device(device)
     pipe = get_method(spec["method"]).load_pipeline(Path(artifact_dir), Path(base_model), spec, dev,
@@ -125,7 +134,7 @@ def run_sampling(spec: dict, base_model: Path, artifact_dir: Path, cfg: dict, ou
         log.info("sampled %d images in %.1f s", len(rows), time.perf_counter() - t)
         latency = dict(median_ms=None, all_ms=[], warmup_ms=[])
         if cfg["latency_repeats"] > 0:
-            latency = pipeline_latency(pipe, cfg["prompts"][0]["prompt"], warmup=cfg["latency_warmup"],
+            latency = pipeline_latency(pipe, cfg["prompts"][0]["prompt"], warmup=LATENCY_WARMUP,
                                        repeats=cfg["latency_repeats"], **common)
         latency.update({k: spec.get(k) for k in ("experiment", "variant", "method", "seed")}, fast_paths=fast_paths)
         write_json(tmp / "latency.json", latency)

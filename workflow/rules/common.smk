@@ -15,7 +15,7 @@ if (SRC / "conceptbench").is_dir():
     os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
 
 from conceptbench import config as cb
-from conceptbench import study
+from conceptbench import registry, study
 
 cb.validate(config)
 cb.check_output_dirs(config)
@@ -83,18 +83,19 @@ def metric_models(wildcards):
 
 
 def train_inputs(wildcards):
+    """The base model and the inputs the method declares (registry.INPUT_KINDS), for this variant's args."""
     exp = EXPERIMENTS[wildcards.experiment]
-    inputs = {"base": model_dir(exp["base_model"])}
-    if exp["data"]:
-        inputs["data"] = f"{RESULTS}/data/{exp['data']}"
-    if exp["class_images"]["count"]:
-        inputs["class_images"] = class_images_dir(wildcards.experiment, 0)
-    inputs.update(extra_concept_inputs(wildcards.experiment))
     args = cb.resolve_variant(config, wildcards.experiment, wildcards.variant)["args"]
-    if exp["method"] == "ddpo" and args.get("reward", "aesthetic") == "aesthetic":
-        # DDPO's reward scores its samples with the evaluation's CLIP and LAION aesthetic head.
-        inputs["clip"] = model_dir(config["metrics"]["clip"])
-        inputs["aesthetic"] = model_dir(config["metrics"]["aesthetic"])
+    inputs = {"base": model_dir(exp["base_model"])}
+    for kind in cb.method_inputs(exp, args):
+        if kind == "data":
+            inputs["data"] = f"{RESULTS}/data/{exp['data']}"
+        elif kind == "class_images":
+            inputs["class_images"] = class_images_dir(wildcards.experiment, 0)
+        elif kind == "extra_concepts":
+            inputs.update(extra_concept_inputs(wildcards.experiment))
+        else:  # a scoring model, by its role in `metrics` (e.g. DDPO's aesthetic reward)
+            inputs[kind] = model_dir(config["metrics"][kind])
     return inputs
 
 
@@ -240,17 +241,6 @@ def metric_notes(wildcards=None):
 # (the embedded default) ask for one CPU and TINY_MEM_MB. A retry asks for more memory and time.
 
 TINY_MEM_MB = 2000
-# Estimated seconds per optimizer step on one H100 at 512x512 (DDPO: per epoch of sampling and PPO
-# updates), about twice the expected time so a slow node does not hit the limit. Estimates, not
-# measurements: a job's benchmark file (results/benchmarks/train/...) gives the real figure.
-H100_SECONDS_PER_STEP = {
-    "dreambooth": 1.0,
-    "lora": 0.5,
-    "textual_inversion": 0.5,
-    "custom_diffusion": 1.0,
-    "lcm": 1.5,
-    "ddpo": 240.0,
-}
 TRAIN_SETUP_MINUTES = 15  # loading the models, saving the artifact, the last checkpoint
 
 
@@ -284,13 +274,12 @@ def gpu_model(wildcards):
 
 
 def train_runtime(wildcards, attempt):
-    """Minutes for a training job: setup plus steps at the H100 rate, scaled by pixels; more per retry."""
+    """Minutes for a training job: setup plus steps at the method's declared H100 rate (an estimate with
+    margin; the job's benchmark file has the real figure), scaled by pixels; more per retry."""
     exp = EXPERIMENTS[wildcards.experiment]
-    if exp["method"] not in H100_SECONDS_PER_STEP:
-        raise ValueError(f"experiments.{wildcards.experiment}.method: {exp['method']!r} has no entry in "
-                         "H100_SECONDS_PER_STEP (workflow/rules/common.smk)")
     steps = cb.resolve_variant(config, wildcards.experiment, wildcards.variant)["train"]["steps"]
-    seconds = steps * H100_SECONDS_PER_STEP[exp["method"]] * (exp["resolution"] / 512) ** 2
+    rate = registry.declaration(exp["method"])["h100_seconds_per_step"]
+    seconds = steps * rate * (exp["resolution"] / 512) ** 2
     return (TRAIN_SETUP_MINUTES + math.ceil(seconds / 60)) * attempt
 
 

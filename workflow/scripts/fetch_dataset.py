@@ -3,6 +3,6 @@
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]):
-    from conceptbench.models.hub import fetch_dataset
+    from conceptbench.data_hub import fetch_dataset
 
     fetch_dataset(snakemake.wildcards.dataset, snakemake.params.spec, snakemake.output[0])

@@ -3,9 +3,11 @@
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]):
+    from conceptbench.registry import build
     from conceptbench.train import run_training
 
     run_training(
+        build(snakemake.params.spec),
         snakemake.params.spec,
         base_model=snakemake.input.base,
         data_dir=snakemake.input.get("data"),

@@ -45,13 +45,13 @@ class CaptionedImages:
 
 def load_captioned(owner: str, ctx):
     """The experiment's captioned dataset and the base pipeline, its frozen parts held in the autocast dtype."""
-    from ..train.method import MethodError, load_base_pipeline
+    from ..train.method import MethodError, base_pipeline
 
     if ctx.data_dir is None:
         raise MethodError(f"{owner}: needs a captioned dataset (experiment data)")
     data = CaptionedImages(ctx.data_dir, ctx.resolution)
     frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
-    return data, load_base_pipeline(ctx.base_model, dtype=frozen)
+    return data, base_pipeline(ctx, dtype=frozen)
 
 
 @torch.no_grad()

@@ -13,9 +13,6 @@ the train rule's inputs data_i and class_images_i. All concepts share the traine
 
 Artifact: pytorch_custom_diffusion_weights.safetensors (processor state, diffusers' key layout) and
 one modifier_<i>.safetensors per token in the textual-inversion format.
-
-args: modifier_token, initializer_token (default "ktn"), instance_prompt, class_prompt,
-train_params (crossattn_kv | crossattn), prior_loss_weight (default 1.0), extra_concepts.
 """
 
 from __future__ import annotations
@@ -29,10 +26,12 @@ from ..train.method import (
     assemble_pipeline,
     MethodError,
     TrainContext,
+    base_pipeline,
     encode_latent_distribution,
     load_base_pipeline,
     load_image_folder,
     noise_and_target,
+    offload,
     sample_latents,
     tokenize,
 )
@@ -41,6 +40,30 @@ from .dreambooth import dreambooth_loss
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"
 TRAIN_Q_OUT = {"crossattn_kv": False, "crossattn": True}
+
+ARGS = {  # one JSON-schema fragment per argument (conceptbench/registry.py); no default: required
+    "modifier_token": {"type": "string", "minLength": 1, "description": "The concept's new token, e.g. '<new1>'."},
+    "initializer_token": {"type": "string", "minLength": 1, "default": "ktn",
+                          "description": "The word the modifier token's embedding starts from (a rare one)."},
+    "instance_prompt": {"type": "string", "minLength": 1,
+                        "description": "The training prompt, with the modifier token, e.g. 'photo of a <new1> dog'."},
+    "class_prompt": {"same_as": "dreambooth"},
+    "train_params": {"enum": ["crossattn_kv", "crossattn"], "default": "crossattn_kv",
+                     "description": "Cross-attention projections trained: to_k, to_v, or also to_q, to_out."},
+    "prior_loss_weight": {"same_as": "dreambooth"},
+    "extra_concepts": {
+        "type": "array", "default": [],
+        "items": {"type": "object", "additionalProperties": False,
+                  "required": ["data", "modifier_token", "instance_prompt"],
+                  "properties": {"data": {"type": "string"}, "modifier_token": {"type": "string"},
+                                 "initializer_token": {"type": "string"}, "instance_prompt": {"type": "string"},
+                                 "class_prompt": {"type": "string"}}},
+        "description": "Further concepts trained jointly, each {data, modifier_token, instance_prompt, class_prompt, "
+                       "initializer_token (default: args.initializer_token)}.",
+    },
+}
+INPUTS = {"data": True, "class_images": True, "extra_concepts": True}
+H100_SECONDS_PER_STEP = 1.0
 
 
 def cross_attention_processors(unet, train_q_out: bool) -> dict:
@@ -103,7 +126,7 @@ class CustomDiffusion(Method):
         """Every concept with its folders: the experiment's own first, then args.extra_concepts."""
         first = {k: self.args.get(k) for k in ("modifier_token", "initializer_token", "instance_prompt", "class_prompt")}
         out = [dict(first, data_dir=ctx.data_dir, class_dir=ctx.class_dir)]
-        for i, extra in enumerate(self.arg("extra_concepts", []) or [], start=1):
+        for i, extra in enumerate(self.arg("extra_concepts"), start=1):
             if f"data_{i}" not in ctx.inputs:
                 raise MethodError(f"{self.name}: args.extra_concepts.{i - 1} has no input data_{i} (its image folder)")
             out.append(dict(extra, data_dir=ctx.inputs[f"data_{i}"], class_dir=ctx.inputs.get(f"class_images_{i}")))
@@ -121,21 +144,22 @@ class CustomDiffusion(Method):
     def setup(self, ctx: TrainContext) -> None:
         from diffusers import DDPMScheduler
 
-        variant = self.arg("train_params", "crossattn_kv")
+        variant = self.arg("train_params")
         if variant not in TRAIN_Q_OUT:
             raise MethodError(f"{self.name}: args.train_params must be one of {sorted(TRAIN_Q_OUT)} (got {variant!r})")
-        self.prior_weight = float(self.arg("prior_loss_weight", 1.0))
+        self.prior_weight = float(self.arg("prior_loss_weight"))
         self.device, self.batch_size = ctx.device, ctx.batch_size
         concepts = self.concepts(ctx)
 
-        pipe = load_base_pipeline(ctx.base_model)
+        pipe = base_pipeline(ctx)
         self.tokenizer, self.text_encoder, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.vae
         self.unet, self.sample_scheduler = pipe.unet, pipe.scheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         for module in (self.vae, self.text_encoder, self.unet):
             module.requires_grad_(False).eval()
         self.tokens = TrainableTokens(self.tokenizer, self.text_encoder, [c["modifier_token"] for c in concepts],
-                                      [c.get("initializer_token") or "ktn" for c in concepts], self.name)
+                                      [c.get("initializer_token") or self.arg("initializer_token") for c in concepts],
+                                      self.name)
         self.processors = cross_attention_processors(self.unet, TRAIN_Q_OUT[variant])
         self.unet.set_attn_processor({**self.unet.attn_processors, **self.processors})
 
@@ -155,7 +179,7 @@ class CustomDiffusion(Method):
                 self.klass.append(encode_latent_distribution(self.vae, load_image_folder(c["class_dir"], ctx.resolution),
                                                              ctx.device))
                 prompts.append(c["class_prompt"])
-        self.vae.to("cpu")
+        offload(self.vae)
         self.prompt_ids = tokenize(self.tokenizer, prompts).to(ctx.device)
         self.text_encoder.to(ctx.device)
         self.tokens.to(ctx.device)

@@ -15,10 +15,6 @@ batch. In the study (8 samples per prompt per epoch) one epoch alone gives a noi
 epoch's and the last one's. stat_buffer_size 0 uses this epoch's samples of the prompt only
 (stat_min_count 2 gives the per-batch normalisation of earlier versions). The history is part of the
 checkpoint, so a resume is exact.
-
-args: prompts (a list, or "animals"), reward (aesthetic | brightness), sample_steps, eta, guidance_scale,
-samples_per_prompt, prompts_per_epoch, inner_epochs, clip_range, adv_clip_max, timestep_fraction,
-stat_buffer_size, stat_min_count, use_lora, lora_rank.
 """
 
 from __future__ import annotations
@@ -30,13 +26,42 @@ from pathlib import Path
 import torch
 
 from .. import runtime
-from ..train.method import (Method, MethodError, TrainContext, assemble_pipeline, encode_prompts,
+from ..train.method import (Method, MethodError, TrainContext, assemble_pipeline, base_pipeline, encode_prompts,
                             load_base_pipeline)
 from ._lora import add_lora, fuse_loras, save_lora
 from ._policy import RewardStats, guided_noise, ppo_loss, sample_trajectories, ddim_step_with_logprob
 from ._rewards import make_reward
 
 log = logging.getLogger(__name__)
+
+ARGS = {  # one JSON-schema fragment per argument (conceptbench/registry.py); no default: required
+    "prompts": {"type": ["array", "string"], "items": {"type": "string"}, "minItems": 1, "default": "animals",
+                "description": "Training prompts: a list, or the name of a built-in set (animals)."},
+    "reward": {"enum": ["aesthetic", "brightness"], "default": "aesthetic",
+               "description": "What the samples are scored by: the LAION aesthetic head, or mean brightness (tests)."},
+    "sample_steps": {"type": "integer", "minimum": 1, "default": 50, "description": "DDIM steps per trajectory."},
+    "eta": {"type": "number", "exclusiveMinimum": 0, "default": 1.0, "description": "DDIM η (> 0: stochastic)."},
+    "guidance_scale": {"type": "number", "minimum": 0, "default": 5.0, "description": "CFG scale of the trajectories."},
+    "samples_per_prompt": {"type": "integer", "minimum": 1, "default": 4,
+                           "description": "Trajectories per prompt per epoch."},
+    "prompts_per_epoch": {"type": ["integer", "null"], "minimum": 1, "default": None,
+                          "description": "Prompts drawn per epoch; null: all of them."},
+    "inner_epochs": {"type": "integer", "minimum": 1, "default": 1,
+                     "description": "PPO updates (training steps) per batch of trajectories."},
+    "clip_range": {"type": "number", "exclusiveMinimum": 0, "default": 1.0e-4, "description": "PPO's ratio clip ε."},
+    "adv_clip_max": {"type": "number", "exclusiveMinimum": 0, "default": 5.0, "description": "Advantage clip, ±."},
+    "timestep_fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0,
+                          "description": "Share of each trajectory's timesteps trained on."},
+    "stat_buffer_size": {"type": "integer", "minimum": 0, "default": 16,
+                         "description": "Rewards kept per prompt across epochs for advantages; 0: this epoch's."},
+    "stat_min_count": {"type": "integer", "minimum": 1, "default": 16,
+                       "description": "Rewards a prompt's buffer needs before its own statistics are used."},
+    "use_lora": {"type": "boolean", "default": False, "description": "Train a LoRA on the U-Net instead of all of it."},
+    "lora_rank": {"type": "integer", "minimum": 1, "default": 4, "description": "Rank of that LoRA."},
+}
+# The aesthetic reward scores samples with the evaluation's CLIP and aesthetic head.
+INPUTS = {"clip": {"reward": "aesthetic"}, "aesthetic": {"reward": "aesthetic"}}
+H100_SECONDS_PER_STEP = 240.0  # one epoch: sampling the trajectories, scoring them, the PPO update
 
 # Simple animal prompts, as in ddpo-pytorch's "simple_animals" prompt function.
 PROMPT_SETS = {"animals": ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer",
@@ -76,34 +101,34 @@ class DDPO(Method):
     def setup(self, ctx: TrainContext) -> None:
         from diffusers import DDIMScheduler
 
-        self.prompts = prompt_list(self.arg("prompts", "animals"))
-        self.eta = float(self.arg("eta", 1.0))
-        self.guidance = float(self.arg("guidance_scale", 5.0))
-        self.per_prompt = int(self.arg("samples_per_prompt", 4))
-        self.n_prompts = min(int(self.arg("prompts_per_epoch", len(self.prompts))), len(self.prompts))
-        self.inner_epochs = int(self.arg("inner_epochs", 1))
-        self.clip_range, self.adv_clip_max = float(self.arg("clip_range", 1e-4)), float(self.arg("adv_clip_max", 5.0))
-        self.timestep_fraction = float(self.arg("timestep_fraction", 1.0))
-        self.use_lora = bool(self.arg("use_lora", False))
-        self.accum = int(ctx.spec.get("train", {}).get("gradient_accumulation_steps", 1))
+        self.prompts = prompt_list(self.arg("prompts"))
+        self.eta = float(self.arg("eta"))
+        self.guidance = float(self.arg("guidance_scale"))
+        self.per_prompt = int(self.arg("samples_per_prompt"))
+        self.n_prompts = min(int(self.arg("prompts_per_epoch") or len(self.prompts)), len(self.prompts))
+        self.inner_epochs = int(self.arg("inner_epochs"))
+        self.clip_range, self.adv_clip_max = float(self.arg("clip_range")), float(self.arg("adv_clip_max"))
+        self.timestep_fraction = float(self.arg("timestep_fraction"))
+        self.use_lora = self.arg("use_lora")
+        self.accum = int(ctx.train["gradient_accumulation_steps"])
         self.device, self.seed = ctx.device, ctx.seed
         if self.inner_epochs < 1 or self.per_prompt < 1:
             raise MethodError("ddpo: args.inner_epochs and args.samples_per_prompt must be at least 1")
-        self.stats = reward_stats(int(self.arg("stat_buffer_size", 16)), int(self.arg("stat_min_count", 16)),
+        self.stats = reward_stats(int(self.arg("stat_buffer_size")), int(self.arg("stat_min_count")),
                                   self.per_prompt)
-        self.reward_name = self.arg("reward", "aesthetic")
+        self.reward_name = self.arg("reward")
         self.reward = make_reward(self.reward_name, ctx.inputs, ctx.device)
 
         frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
-        pipe = load_base_pipeline(ctx.base_model, dtype=frozen if self.use_lora else torch.float32)
+        pipe = base_pipeline(ctx, dtype=frozen if self.use_lora else torch.float32)
         self.tokenizer, self.text_encoder, self.vae, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
         self.sample_scheduler = pipe.scheduler
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(int(self.arg("sample_steps", 50)), device=ctx.device)
+        self.scheduler.set_timesteps(int(self.arg("sample_steps")), device=ctx.device)
         for m in (self.vae, self.text_encoder):
             m.requires_grad_(False).eval().to(ctx.device)
         if self.use_lora:
-            self.params = add_lora(self.unet, int(self.arg("lora_rank", 4)))
+            self.params = add_lora(self.unet, int(self.arg("lora_rank")))
         else:
             self.params = list(self.unet.requires_grad_(True).parameters())
         self.unet.to(ctx.device).train()
@@ -192,7 +217,7 @@ class DDPO(Method):
                       device: torch.device, dtype: torch.dtype = torch.float32):
         from diffusers import StableDiffusionPipeline
 
-        if spec.get("args", {}).get("use_lora", False):
+        if cls.resolved_args(spec.get("args"))["use_lora"]:
             pipe = fuse_loras(load_base_pipeline(base_model, dtype=dtype), [(Path(artifact_dir), 1.0)])
         else:
             pipe = StableDiffusionPipeline.from_pretrained(str(artifact_dir), safety_checker=None,

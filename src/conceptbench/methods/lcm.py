@@ -8,9 +8,6 @@ consistency output at t_n towards the EMA target's at t_{n-k}, with an L2 or pse
 recipe follows diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py; its pieces
 live here as small functions. The artifact is the EMA U-Net plus an LCMScheduler config; sampling
 puts both on the base pipeline and runs 4 steps.
-
-args: loss_type (l2 | huber), huber_c, num_ddim_timesteps, w_min, w_max, ema_decay,
-time_cond_proj_dim (default 256), timestep_scaling (default 10).
 """
 
 from __future__ import annotations
@@ -26,6 +23,23 @@ from ..train.method import Method, MethodError, TrainContext, encode_prompts
 from ._captioned import encode_batch, load_captioned
 
 SIGMA_DATA = 0.5
+
+ARGS = {  # one JSON-schema fragment per argument (conceptbench/registry.py); no default: required
+    "loss_type": {"enum": ["l2", "huber"], "default": "l2", "description": "Distance between student and target."},
+    "huber_c": {"type": "number", "exclusiveMinimum": 0, "default": 0.001, "description": "Pseudo-Huber's c."},
+    "num_ddim_timesteps": {"type": "integer", "minimum": 1, "default": 50,
+                           "description": "Steps of the teacher's DDIM grid (the skipping step k is 1000 / this)."},
+    "w_min": {"type": "number", "minimum": 0, "default": 5.0, "description": "Lowest guidance scale w drawn."},
+    "w_max": {"type": "number", "minimum": 0, "default": 15.0, "description": "Highest guidance scale w drawn."},
+    "ema_decay": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.95,
+                  "description": "Decay of the EMA target U-Net."},
+    "time_cond_proj_dim": {"type": "integer", "minimum": 2, "default": 256,
+                           "description": "Width of the student's guidance-scale embedding."},
+    "timestep_scaling": {"type": "number", "exclusiveMinimum": 0, "default": 10.0,
+                         "description": "Scale of t in the boundary conditions c_skip, c_out."},
+}
+INPUTS = {"data": True}
+H100_SECONDS_PER_STEP = 1.5
 
 
 def pseudo_huber_loss(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
@@ -79,15 +93,15 @@ class LCM(Method):
     def setup(self, ctx: TrainContext) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
-        self.loss_type = self.arg("loss_type", "l2")
+        self.loss_type = self.arg("loss_type")
         if self.loss_type not in ("l2", "huber"):
             raise MethodError(f"lcm: args.loss_type must be 'l2' or 'huber', got {self.loss_type!r}")
-        self.huber_c = float(self.arg("huber_c", 0.001))
-        self.w_min, self.w_max = float(self.arg("w_min", 5.0)), float(self.arg("w_max", 15.0))
-        self.ema_decay = float(self.arg("ema_decay", 0.95))
-        self.cond_dim = int(self.arg("time_cond_proj_dim", 256))
-        self.timestep_scaling = float(self.arg("timestep_scaling", 10.0))
-        self.num_ddim = int(self.arg("num_ddim_timesteps", 50))
+        self.huber_c = float(self.arg("huber_c"))
+        self.w_min, self.w_max = float(self.arg("w_min")), float(self.arg("w_max"))
+        self.ema_decay = float(self.arg("ema_decay"))
+        self.cond_dim = int(self.arg("time_cond_proj_dim"))
+        self.timestep_scaling = float(self.arg("timestep_scaling"))
+        self.num_ddim = int(self.arg("num_ddim_timesteps"))
         self.device, self.batch_size = ctx.device, ctx.batch_size
         self.data, pipe = load_captioned(self.name, ctx)
         self.tokenizer, self.text_encoder, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.vae

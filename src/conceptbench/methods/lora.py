@@ -7,10 +7,6 @@ artifact is a diffusers LoRA file (save_lora_weights); sampling loads it on the 
 load_lora_weights and fuses it, so inference costs what the base model costs. By default every image
 and caption is encoded once at setup (cache_latents; _captioned.EncodedCaptions): the same draws as
 encoding each batch, without the VAE and text encoder in the loop.
-
-args: rank (r), lora_alpha (default r), target_modules, snr_gamma (null: plain MSE),
-lora_scale (the adapter's weight when fused for sampling, default 1), cache_latents (default true;
-false encodes each batch, for caption sets too large to hold encoded on the device).
 """
 
 from __future__ import annotations
@@ -21,11 +17,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..train.method import Method, TrainContext, encode_prompts, load_base_pipeline, noise_and_target
+from ..train.method import Method, TrainContext, encode_prompts, load_base_pipeline, noise_and_target, offload
 from ._captioned import EncodedCaptions, encode_batch, load_captioned
 from ._lora import DEFAULT_TARGETS, add_lora, fuse_loras, save_lora
 
 log = logging.getLogger(__name__)
+
+ARGS = {  # one JSON-schema fragment per argument (conceptbench/registry.py); no default: required
+    "rank": {"type": "integer", "minimum": 1, "description": "r, the adapter's rank."},
+    "lora_alpha": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
+                   "description": "α: the update is scaled by α/r; null: r (scale 1)."},
+    "target_modules": {"type": ["array", "null"], "items": {"type": "string"}, "minItems": 1, "default": None,
+                       "description": "Names of the U-Net's Linear layers to adapt; null: to_q, to_k, to_v, to_out.0."},
+    "snr_gamma": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
+                  "description": "γ of Min-SNR-γ loss weighting (Hang et al. 2023); null: plain MSE."},
+    "lora_scale": {"type": "number", "default": 1.0, "description": "The adapter's weight when fused for sampling."},
+    "cache_latents": {"type": "boolean", "default": True,
+                      "description": "Encode every image and caption once at setup; false: each batch (huge sets)."},
+}
+INPUTS = {"data": True}
+H100_SECONDS_PER_STEP = 0.5
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -59,22 +70,21 @@ class LoRA(Method):
         from diffusers import DDPMScheduler
 
         self.rank = int(self.arg("rank"))
-        self.snr_gamma = self.arg("snr_gamma", None)
+        self.snr_gamma = self.arg("snr_gamma")
         self.device, self.batch_size = ctx.device, ctx.batch_size
         self.data, pipe = load_captioned(self.name, ctx)
         self.tokenizer, self.text_encoder, self.vae, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.vae.requires_grad_(False).eval().to(ctx.device)
         self.text_encoder.requires_grad_(False).eval().to(ctx.device)
-        self.params = add_lora(self.unet, self.rank, self.arg("lora_alpha", None),
-                               self.arg("target_modules", list(DEFAULT_TARGETS)))
+        self.params = add_lora(self.unet, self.rank, self.arg("lora_alpha"),
+                               self.arg("target_modules") or DEFAULT_TARGETS)
         self.encoded = None
-        if self.arg("cache_latents", True):  # encode every image and caption once (see EncodedCaptions)
+        if self.arg("cache_latents"):  # encode every image and caption once (see EncodedCaptions)
             self.encoded = EncodedCaptions(self.data, self.vae, self.tokenizer, self.text_encoder, ctx.device)
             log.info("lora: cached %d encoded images and captions (%.1f MB)", len(self.encoded),
                      self.encoded.nbytes() / 1e6)
-            self.vae.to("cpu")
-            self.text_encoder.to("cpu")
+            offload(self.vae, self.text_encoder)
         self.unet.to(ctx.device).train()
         if ctx.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -108,7 +118,7 @@ class LoRA(Method):
     def load_pipeline(cls, artifact_dir: Path, base_model: Path, spec: dict,
                       device: torch.device, dtype: torch.dtype = torch.float32):
         pipe = load_base_pipeline(base_model, dtype=dtype)
-        fuse_loras(pipe, [(Path(artifact_dir), float(spec.get("args", {}).get("lora_scale", 1.0)))])
+        fuse_loras(pipe, [(Path(artifact_dir), float(cls.resolved_args(spec.get("args"))["lora_scale"]))])
         return pipe.to(device)
 
 

@@ -5,9 +5,6 @@ The placeholder ("<sks-cat>") becomes N tokens "<sks-cat>", "<sks-cat>_1", ... i
 diffusers' examples/textual_inversion). Only those rows train (methods/_tokens.py). The artifact is
 learned_embeds.safetensors, {placeholder: [N, D]}, which `pipe.load_textual_inversion` reads; the
 pipeline then expands the placeholder in every prompt into its N tokens.
-
-args: placeholder_token, initializer_token, num_vectors (N, default 1), instance_prompt
-(default "a photo of <placeholder>").
 """
 
 from __future__ import annotations
@@ -22,16 +19,29 @@ from ..train.method import (
     assemble_pipeline,
     MethodError,
     TrainContext,
+    base_pipeline,
     encode_latent_distribution,
     load_base_pipeline,
     load_image_folder,
     noise_and_target,
+    offload,
     sample_latents,
     tokenize,
 )
 from ._tokens import TrainableTokens, expand, vector_names
 
 WEIGHT_NAME = "learned_embeds.safetensors"
+
+ARGS = {  # one JSON-schema fragment per argument (conceptbench/registry.py); no default: required
+    "placeholder_token": {"type": "string", "minLength": 1, "description": "The new word, e.g. '<sks-cat>'."},
+    "initializer_token": {"type": "string", "minLength": 1,
+                          "description": "The word the vectors start from (several tokens: their mean)."},
+    "num_vectors": {"type": "integer", "minimum": 1, "default": 1, "description": "N, vectors behind the placeholder."},
+    "instance_prompt": {"type": ["string", "null"], "default": None,
+                        "description": "The training prompt, with the placeholder; null: 'a photo of <placeholder>'."},
+}
+INPUTS = {"data": True}
+H100_SECONDS_PER_STEP = 0.5
 
 
 class TextualInversion(Method):
@@ -41,17 +51,15 @@ class TextualInversion(Method):
         from diffusers import DDPMScheduler
 
         self.token = self.arg("placeholder_token")
-        self.n = int(self.arg("num_vectors", 1))
-        if self.n < 1:
-            raise MethodError(f"{self.name}: args.num_vectors must be at least 1 (got {self.n})")
-        prompt = self.arg("instance_prompt", f"a photo of {self.token}")
+        self.n = int(self.arg("num_vectors"))
+        prompt = self.arg("instance_prompt") or f"a photo of {self.token}"
         if self.token not in prompt:
             raise MethodError(f"{self.name}: args.instance_prompt {prompt!r} lacks the placeholder {self.token!r}")
         if ctx.data_dir is None:
             raise MethodError(f"{self.name}: needs a folder of instance images")
         self.device, self.batch_size = ctx.device, ctx.batch_size
 
-        pipe = load_base_pipeline(ctx.base_model)
+        pipe = base_pipeline(ctx)
         self.tokenizer, self.text_encoder, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.vae
         self.unet, self.sample_scheduler = pipe.unet, pipe.scheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -63,7 +71,7 @@ class TextualInversion(Method):
 
         self.instance = encode_latent_distribution(self.vae, load_image_folder(ctx.data_dir, ctx.resolution),
                                                    ctx.device)
-        self.vae.to("cpu")
+        offload(self.vae)
         self.prompt_ids = tokenize(self.tokenizer, [expand(prompt, self.token, self.n)]).to(ctx.device)
         self.text_encoder.to(ctx.device)
         self.tokens.to(ctx.device)

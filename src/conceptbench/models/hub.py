@@ -1,17 +1,7 @@
-"""Fetch models and datasets from the Hugging Face hub at a pinned revision.
+"""Fetch models from the Hugging Face hub at a pinned revision, in the layout their loaders read.
 
-Each fetch downloads only the files the project's loaders read (see DEFAULT_ALLOW_PATTERNS) into a
-temporary folder beside the output and renames it into place once complete, so a failed or
-interrupted fetch never leaves a half-written folder behind.
-
-Where the hub cannot be reached (HF_HUB_OFFLINE=1, no network, an unknown repo or revision) the
-fetch fails at once with a HubUnavailable that names the config entry, the repo and the revision,
-gives the reason in one line and says how to provide the files instead: download them on a machine
-with hub access and point the entry's `path:` at that folder. A plain snapshot_download would
-instead retry a dead connection for about 23 s before giving up; a single request with a short
-timeout (`preflight`) answers first.
-
-Nothing here runs repository code (no trust_remote_code) or unpickles beyond torch.load's
+Each fetch downloads only the files the project's loaders read (see DEFAULT_ALLOW_PATTERNS), through
+the pinned, fail-fast client in conceptbench/hub.py. Nothing here unpickles beyond torch.load's
 weights_only=True: the aesthetic head's .pth is the one pickle, and it is converted to safetensors.
 
     python -m conceptbench.models.hub convert-aesthetic FILE.pth OUT_DIR
@@ -22,13 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import shlex
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..hub import DEFAULT_MAX_BYTES, PREFLIGHT_TIMEOUT_S, HubContentError, check_spec, download, one_line, write_source
 from ..io import atomic_path
 
 KINDS = ("diffusion", "open_clip", "dinov2", "aesthetic")
@@ -76,215 +64,6 @@ REQUIRED_FILES: dict[str, list[str]] = {
     "dinov2": ["config.json", "model.safetensors", "preprocessor_config.json"],
 }
 
-DATASET_IGNORE_PATTERNS = [".gitattributes"]
-
-PREFLIGHT_TIMEOUT_S = 10.0  # one request, no retries: the hub answers or the fetch fails
-DEFAULT_MAX_BYTES = 16 * 2**30  # refuse downloads above this unless the caller raises it
-SOURCE_FILE = "hub_source.json"  # provenance written into every fetched folder
-
-
-class HubUnavailable(RuntimeError):
-    """A model or dataset could not be fetched from the hub; the message says how to provide it."""
-
-    def __init__(
-        self,
-        what: str,
-        name: str,
-        repo: str,
-        revision: str,
-        reason: str,
-        repo_type: str = "model",
-        allow_patterns: list[str] | None = None,
-    ):
-        self.what, self.name, self.repo, self.revision = what, name, repo, revision
-        self.reason, self.repo_type = reason, repo_type
-        self.command = hf_download_command(repo, revision, repo_type, allow_patterns)
-        steps = (
-            f"To provide it, download it on a machine with hub access:\n"
-            f"    {self.command}\n"
-            f"copy DIR here and set `path: DIR` for {what} {name!r} in the config instead of repo/revision."
-        )
-        pth = [p for p in allow_patterns or [] if p.endswith(".pth")]
-        if what == "model" and pth:
-            steps += (
-                "\nFor an aesthetic head, convert the .pth first and point `path:` at the result:\n"
-                f"    python -m conceptbench.models.hub convert-aesthetic {shlex.quote('DIR/' + pth[0])} OUT_DIR"
-            )
-        super().__init__(
-            f"{what} {name!r} (repo {repo}, revision {revision}) could not be fetched from the Hugging Face "
-            f"hub: {reason}\n{steps}"
-        )
-
-
-class HubContentError(RuntimeError):
-    """The hub answered, but the pinned revision does not hold the files the project needs."""
-
-
-def hf_download_command(repo: str, revision: str, repo_type: str = "model", allow_patterns=None) -> str:
-    """The `hf download` command line that fetches the same files by hand (into DIR)."""
-    parts = ["hf", "download", repo]
-    if repo_type != "model":
-        parts += ["--repo-type", repo_type]
-    parts += ["--revision", revision]
-    for pattern in allow_patterns or []:
-        parts += ["--include", pattern]
-    parts += ["--local-dir", "DIR"]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, now or when huggingface_hub was imported."""
-    from huggingface_hub import constants
-
-    def truthy(v: str | None) -> bool:
-        return (v or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-    env = truthy(os.environ.get("HF_HUB_OFFLINE")) or truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or "(no message)"
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}"
-
-
-def _reason(exc: BaseException, repo: str, revision: str, repo_type: str) -> str:
-    """One line on why the hub call failed, most specific first."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(exc, OfflineModeIsEnabled):
-        return "offline mode is on (HF_HUB_OFFLINE is set)"
-    if isinstance(exc, RevisionNotFoundError):
-        return f"revision {revision} does not exist in {repo_type} repo {repo}"
-    if isinstance(exc, GatedRepoError):
-        return f"{repo_type} repo {repo} is gated: accept its terms and log in (hf auth login) first"
-    if isinstance(exc, RepositoryNotFoundError):
-        return f"{repo_type} repo {repo} not found (or private and no valid token)"
-    if isinstance(exc, HfHubHTTPError) and getattr(exc, "response", None) is not None:
-        return f"the hub answered HTTP {exc.response.status_code}: {_one_line(exc)}"
-    if exc.__cause__ is not None and not isinstance(exc, HfHubHTTPError):
-        return _reason(exc.__cause__, repo, revision, repo_type)
-    return f"the hub cannot be reached ({_one_line(exc)})"
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'the hub did not deliver' (as opposed to bugs or bad arguments)."""
-    import httpx2
-    from huggingface_hub.errors import (
-        DryRunError,
-        EntryNotFoundError,
-        FileMetadataError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        XetDownloadError,
-    )
-
-    return (httpx2.HTTPError, HfHubHTTPError, OfflineModeIsEnabled, EntryNotFoundError, FileMetadataError,
-            DryRunError, XetDownloadError, ConnectionError, TimeoutError)
-
-
-def preflight(repo: str, revision: str, repo_type: str = "model", timeout: float = PREFLIGHT_TIMEOUT_S) -> str:
-    """Ask the hub once (no retries) whether `revision` of `repo` exists; return its commit hash.
-
-    Raises whatever huggingface_hub raises (OfflineModeIsEnabled, httpx2.ConnectError,
-    RevisionNotFoundError, RepositoryNotFoundError, ...); `fetch_*` turn those into HubUnavailable.
-    """
-    from huggingface_hub import HfApi
-
-    info = HfApi().repo_info(repo, revision=revision, repo_type=repo_type, timeout=timeout)
-    if not info.sha:
-        raise RuntimeError(f"the hub returned no commit for {repo}@{revision}")
-    return info.sha
-
-
-def _check_spec(what: str, name: str, spec: Mapping) -> tuple[str, str]:
-    if spec.get("trust_remote_code"):
-        raise ValueError(f"{what} {name!r}: trust_remote_code is not supported; repository code is never run")
-    repo, revision = spec.get("repo"), spec.get("revision")
-    if not isinstance(repo, str) or not repo.strip():
-        raise ValueError(f"{what} {name!r}: `repo` (a hub id such as owner/name) is required to fetch it")
-    if not isinstance(revision, str) or not revision.strip():
-        raise ValueError(
-            f"{what} {name!r}: `revision` is required to fetch {repo} (pin a commit hash; downloads are never unpinned)"
-        )
-    return repo.strip(), revision.strip()
-
-
-def _download(
-    what: str,
-    name: str,
-    repo: str,
-    revision: str,
-    repo_type: str,
-    dest: Path,
-    scratch: Path,
-    allow_patterns: list[str] | None,
-    ignore_patterns: list[str] | None,
-    max_bytes: int | None,
-    timeout: float,
-) -> tuple[str, list[str]]:
-    """Preflight, size check and snapshot_download into `dest`; return (commit hash, files)."""
-    from huggingface_hub import snapshot_download
-
-    def unavailable(exc: BaseException) -> HubUnavailable:
-        return HubUnavailable(
-            what, name, repo, revision, _reason(exc, repo, revision, repo_type), repo_type, allow_patterns
-        )
-
-    if hub_offline():
-        raise HubUnavailable(
-            what, name, repo, revision, "offline mode is on (HF_HUB_OFFLINE is set)", repo_type, allow_patterns
-        )
-    try:
-        commit = preflight(repo, revision, repo_type, timeout=timeout)
-    except _hub_errors() as e:
-        raise unavailable(e) from e
-
-    # Everything huggingface_hub writes (its cache, refs, tree listings) stays in the scratch folder.
-    common = dict(
-        repo_id=repo,
-        repo_type=repo_type,
-        revision=commit,
-        cache_dir=str(scratch / "hf-cache"),
-        local_dir=str(dest),
-        allow_patterns=allow_patterns,
-        ignore_patterns=ignore_patterns,
-    )
-    try:
-        plan = snapshot_download(**common, dry_run=True)
-        if not plan:
-            raise HubContentError(
-                f"{what} {name!r}: revision {commit} of {repo} has no file matching allow_patterns={allow_patterns!r}"
-                f" ignore_patterns={ignore_patterns!r}"
-            )
-        total = sum(f.file_size or 0 for f in plan)
-        if max_bytes is not None and total > max_bytes:
-            raise HubContentError(
-                f"{what} {name!r}: {len(plan)} files, {total / 2**30:.1f} GiB, from {repo}@{commit} exceed the "
-                f"{max_bytes / 2**30:.1f} GiB limit; narrow allow_patterns or raise max_bytes"
-            )
-        snapshot_download(**common)
-    except HubContentError:
-        raise
-    except _hub_errors() as e:
-        raise unavailable(e) from e
-
-    shutil.rmtree(dest / ".cache", ignore_errors=True)  # snapshot_download's local_dir metadata
-    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    return commit, files
-
-
-def _write_source(folder: Path, record: dict) -> None:
-    (folder / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
 
 def _drop_missing_components(folder: Path) -> list[str]:
     """Null the model_index.json entries whose folders were not downloaded (safety checker,
@@ -314,7 +93,7 @@ def fetch_model(name: str, spec: Mapping, out_dir: Path, *, max_bytes: int | Non
     revision), HubContentError when the pinned revision lacks the needed files, ValueError on a bad spec.
     """
     out_dir = Path(out_dir)
-    repo, revision = _check_spec("model", name, spec)
+    repo, revision = check_spec("model", name, spec)
     kind = spec.get("kind")
     if kind not in KINDS:
         raise ValueError(f"model {name!r}: kind must be one of {KINDS}, not {kind!r}")
@@ -328,7 +107,7 @@ def fetch_model(name: str, spec: Mapping, out_dir: Path, *, max_bytes: int | Non
     with atomic_path(out_dir) as tmp:
         scratch = tmp.parent
         dest = scratch / "download" if kind == "aesthetic" else tmp
-        commit, files = _download(
+        commit, files = download(
             "model", name, repo, revision, "model", dest, scratch, patterns, None, max_bytes, timeout
         )
         record = {
@@ -355,30 +134,7 @@ def fetch_model(name: str, spec: Mapping, out_dir: Path, *, max_bytes: int | Non
                 )
             if kind == "diffusion":
                 record["model_index_nulled"] = _drop_missing_components(tmp)
-        _write_source(tmp, record)
-    return out_dir
-
-
-def fetch_dataset(name: str, spec: Mapping, out_dir: Path, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
-                  timeout: float = PREFLIGHT_TIMEOUT_S) -> Path:
-    """Download dataset `name` (spec: repo, revision, optional allow_patterns) into `out_dir` as the
-    repo lays it out (minus .gitattributes). Returns `out_dir`.
-
-    Without allow_patterns the whole repo is fetched, so a large one (CC12M's webdataset is terabytes)
-    stops at `max_bytes`: give allow_patterns such as ["cc12m-train-0000.tar"] for it.
-    """
-    out_dir = Path(out_dir)
-    repo, revision = _check_spec("dataset", name, spec)
-    patterns = list(spec["allow_patterns"]) if spec.get("allow_patterns") else None
-    with atomic_path(out_dir) as tmp:
-        commit, files = _download(
-            "dataset", name, repo, revision, "dataset", tmp, tmp.parent, patterns, DATASET_IGNORE_PATTERNS,
-            max_bytes, timeout,
-        )
-        _write_source(tmp, {
-            "what": "dataset", "name": name, "repo": repo, "revision": revision, "commit": commit,
-            "allow_patterns": patterns, "files": files,
-        })
+        write_source(tmp, record)
     return out_dir
 
 
@@ -439,7 +195,7 @@ def convert_aesthetic(pth: Path, out_dir: Path) -> Path:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{pth}: does not fit the aesthetic head layout: {_one_line(e)}") from None
+        raise ValueError(f"{pth}: does not fit the aesthetic head layout: {one_line(e)}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps({"in_dim": in_dim, "hidden": hidden}) + "\n", encoding="utf-8")
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}

@@ -1,9 +1,10 @@
 """The one training loop every method runs through.
 
-`run_training` is what the workflow calls; `train` is the loop itself, driving a `Method`
-(see method.py). The loop owns device placement, mixed precision (autocast, GradScaler for fp16),
-gradient accumulation, grad-norm clipping, the LR schedule, AdamW or 8-bit AdamW, checkpoints with
-resume, the non-finite-loss guard, the progress bar and the loss log.
+`run_training` is what the workflow calls, with the method it built; `train` is the loop itself,
+driving a `Method` (see method.py). Nothing here picks a method: the caller hands it in. The loop
+owns device placement, mixed precision (autocast, GradScaler for fp16), gradient accumulation,
+grad-norm clipping, the LR schedule, AdamW or 8-bit AdamW, checkpoints with resume, the
+non-finite-loss guard, the progress bar and the loss log.
 
 Randomness is a pure function of (seed, step, micro-batch): each micro-batch gets its own CPU
 generator, and torch's global seed is reset to the same value, so a resumed run repeats an
@@ -31,45 +32,15 @@ from ..io import atomic_path, read_jsonl, tree_bytes, write_json, write_jsonl
 from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint, spec_fingerprint
 from .preempt import Preempted, StopRequest, stop_on_sigterm
 from .method import Method, MethodError, TrainContext
+from .settings import train_config
 
 log = logging.getLogger(__name__)
-
-TRAIN_DEFAULTS = dict(
-    batch_size=1,
-    gradient_accumulation_steps=1,
-    lr_scheduler="constant",
-    lr_warmup_steps=0,
-    max_grad_norm=1.0,
-    mixed_precision="no",
-    optimizer="adamw",
-    adam_beta1=0.9,
-    adam_beta2=0.999,
-    adam_weight_decay=0.01,
-    adam_epsilon=1e-8,
-    gradient_checkpointing=False,
-    checkpoint_every=0,  # 0: never
-    log_every=1,
-)
-TRAIN_REQUIRED = ("steps", "learning_rate")
 
 StepHook = Callable[[int], None]
 
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the last finite loss."""
-
-
-def train_config(spec: dict) -> dict:
-    """spec["train"] with defaults filled in; unknown keys and missing required ones are errors."""
-    given = dict(spec.get("train", {}))
-    unknown = set(given) - set(TRAIN_DEFAULTS) - set(TRAIN_REQUIRED)
-    if unknown:
-        raise ConfigError(f"unknown train settings {sorted(unknown)}; "
-                          f"known: {sorted([*TRAIN_DEFAULTS, *TRAIN_REQUIRED])}")
-    missing = [k for k in TRAIN_REQUIRED if k not in given]
-    if missing:
-        raise ConfigError(f"train settings lack {missing}")
-    return {**TRAIN_DEFAULTS, **given}
 
 
 def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
@@ -257,11 +228,12 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
     )
 
 
-def run_training(spec: dict, base_model: Path, data_dir: Path, class_dir: Path | None, artifact_dir: Path,
-                 work_dir: Path, log_path: Path, summary_path: Path, *, threads: int | None = None,
+def run_training(method: Method, spec: dict, base_model: Path, data_dir: Path, class_dir: Path | None,
+                 artifact_dir: Path, work_dir: Path, log_path: Path, summary_path: Path, *, threads: int | None = None,
                  device: str | None = None, on_step_end: StepHook | None = None,
                  inputs: dict | None = None) -> dict:
-    """Train spec["method"] on the dataset and write the artifact, the loss log and the summary.
+    """Train `method` (built from spec["args"] by the caller, e.g. registry.build) on the dataset and write
+    the artifact, the loss log and the summary.
 
     Checkpoints live in `work_dir` (not in `artifact_dir`, which Snakemake deletes when a job fails);
     a rerun with the same spec resumes from the last one, which is removed once the artifact is saved.
@@ -269,11 +241,8 @@ def run_training(spec: dict, base_model: Path, data_dir: Path, class_dir: Path |
     when available; `threads` caps torch's CPU threads. `inputs` holds all the rule's named inputs
     (methods with more than one image folder read theirs from it).
     """
-    from ..methods import get_method
-
     runtime.set_threads(threads)
     cfg = train_config(spec)
-    method = get_method(spec["method"])(spec.get("args", {}))
     ctx = TrainContext(spec=spec, base_model=Path(base_model), data_dir=Path(data_dir) if data_dir else None,
                        class_dir=Path(class_dir) if class_dir else None, device=runtime.pick_device(device),
                        mixed_precision=cfg["mixed_precision"], gradient_checkpointing=cfg["gradient_checkpointing"],

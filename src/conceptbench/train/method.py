@@ -25,6 +25,8 @@ captions of a prepared dataset come from `conceptbench.data.read_prepared`.
 
 from __future__ import annotations
 
+import copy
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,8 @@ import numpy as np
 import torch
 
 from ..images import DataError, center_square, image_files, load_rgb
-
-_REQUIRED = object()
+from ..registry import declaration_of, unknown_argument
+from .settings import train_config
 
 
 class MethodError(ValueError):
@@ -54,18 +56,25 @@ class TrainContext:
     gradient_checkpointing: bool = False
     # Every named input of the train rule (e.g. data_1, class_images_1 of a multi-concept run).
     inputs: dict[str, Path] = field(default_factory=dict)
+    # A base pipeline already built, used instead of loading base_model (the speed benchmark's random weights).
+    pipeline: Any = None
 
     @property
     def seed(self) -> int:
-        return int(self.spec.get("seed", 0))
+        return int(self.spec["seed"])
 
     @property
     def resolution(self) -> int:
-        return int(self.spec.get("resolution", 512))
+        return int(self.spec["resolution"])
+
+    @property
+    def train(self) -> dict:
+        """The spec's training settings, defaults filled in (settings.train_config)."""
+        return train_config(self.spec)
 
     @property
     def batch_size(self) -> int:
-        return int(self.spec.get("train", {}).get("batch_size", 1))
+        return int(self.train["batch_size"])
 
 
 class Method:
@@ -74,15 +83,38 @@ class Method:
     name = "method"
 
     def __init__(self, args: dict):
-        self.args = dict(args or {})
+        self.args = self.resolved_args(args)
 
-    def arg(self, key: str, default=_REQUIRED):
-        """args[key], or `default`; a missing key without default is a MethodError naming it."""
-        if key in self.args:
-            return self.args[key]
-        if default is _REQUIRED:
+    @classmethod
+    def declared_args(cls) -> dict | None:
+        """The ARGS declared by the module of this class (or of the nearest base class that has one)."""
+        for klass in cls.__mro__:
+            module = sys.modules.get(klass.__module__)
+            if hasattr(module, "ARGS"):
+                return declaration_of(Path(module.__file__))["args"]
+        return None
+
+    @classmethod
+    def resolved_args(cls, args: dict | None) -> dict:
+        """`args` with the declared defaults filled in; an undeclared key is a MethodError naming the closest.
+
+        Types and ranges are checked with the config, before any job (config.check_args)."""
+        args, declared = dict(args or {}), cls.declared_args()
+        if declared is None:  # a class without declarations (a test's toy method) takes its args as given
+            return args
+        for key in args:
+            if key not in declared:
+                raise MethodError(f"{cls.name}: {unknown_argument(cls.name, key, declared)}")
+        for key, spec in declared.items():
+            if "default" in spec and key not in args:
+                args[key] = copy.deepcopy(spec["default"])
+        return args
+
+    def arg(self, key: str):
+        """args[key] (declared defaults filled in); a required argument that is missing is a MethodError."""
+        if key not in self.args:
             raise MethodError(f"{self.name}: args.{key} is required")
-        return default
+        return self.args[key]
 
     def setup(self, ctx: TrainContext) -> None:
         """Load the base models onto ctx.device, freeze what is not trained, cache fixed inputs."""
@@ -145,6 +177,21 @@ def load_base_pipeline(base_model: Path, dtype: torch.dtype = torch.float32):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def base_pipeline(ctx: TrainContext, dtype: torch.dtype = torch.float32):
+    """The base pipeline a method trains from: ctx.pipeline if one was built, else loaded from ctx.base_model."""
+    if ctx.pipeline is not None:
+        return ctx.pipeline.to(dtype=dtype)
+    return load_base_pipeline(ctx.base_model, dtype=dtype)
+
+
+def offload(*modules) -> None:
+    """Move modules needed again only to save the artifact off the training device (on the meta device,
+    where the speed benchmark counts FLOPs on shapes alone, there is nothing to move)."""
+    for module in modules:
+        if next(module.parameters()).device.type != "meta":
+            module.to("cpu")
 
 
 def load_image_folder(folder: Path, resolution: int) -> torch.Tensor:
