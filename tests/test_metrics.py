@@ -252,3 +252,28 @@ def test_samples_jsonl_missing_key_is_reported(models, samples, tmp_path):
     write_jsonl(samples / "samples.jsonl", rows)
     with pytest.raises(ValueError, match="row 2 lacks eval_prompt"):
         evaluate_samples(samples, None, models["clip"], None, None, tmp_path / "m.csv", device="cpu")
+
+
+def test_the_prior_probe_is_scored_against_the_class_images(models, subject, samples, tmp_path):
+    """class_clip_i and class_dino_i: the class prompt's samples (prompt_set "prior") against the class
+    images; empty for the evaluation prompts' samples, which have their own subject scores."""
+    from conceptbench.metrics.evaluate import embed_references, evaluate_samples, load_references
+
+    rows = [json.loads(line) for line in (samples / "samples.jsonl").read_text().splitlines()]
+    rows[1]["prompt_set"] = "prior"  # the rocket
+    write_jsonl(samples / "samples.jsonl", rows)
+    classes = tmp_path / "class_images"
+    classes.mkdir()
+    for name in ("rocket", "coffee", "camera"):
+        natural(name).save(classes / f"{name}.png")
+    refs = embed_references(subject, models["clip"], models["dino"], tmp_path / "refs.safetensors", "cpu")
+    class_refs = embed_references(classes, models["clip"], models["dino"], tmp_path / "class.safetensors", "cpu")
+    df = evaluate_samples(samples, refs, models["clip"], models["dino"], None, tmp_path / "m.csv", device="cpu",
+                          class_refs_path=class_refs)
+    assert df["prompt_set"].tolist() == ["eval", "prior", "eval"]
+    assert df["class_clip_i"].isna().tolist() == df["class_dino_i"].isna().tolist() == [True, False, True]
+    clip, dino, files = load_references(class_refs)
+    k, n = files.index("rocket.png"), len(files)
+    for col, embeds in (("class_clip_i", clip), ("class_dino_i", dino)):
+        assert df[col][1] == pytest.approx((1 + scores.leave_one_out(embeds)[k] * (n - 1)) / n, abs=1e-5)
+    assert df["clip_i"].notna().all()  # the prior probe is scored against the subject too: that is its drift

@@ -13,12 +13,13 @@ import yaml
 from chromium import CHROMIUM, chromium, data_uri_payload, report_opening
 
 from conceptbench import config as cb
-from conceptbench.io import read_jsonl
+from conceptbench.io import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((ROOT / "config/tiny.yaml").read_text())
 TINY_VARIANTS_CFG = cb.validate(copy.deepcopy(TINY))
 TINY_VARIANTS = cb.variants(TINY_VARIANTS_CFG)  # {experiment: {variant: value}} of the enabled experiments
+TINY_BASELINES = cb.baselines(TINY_VARIANTS_CFG)  # {experiment: {baseline: sampling overrides}}
 
 
 def snakemake(workdir, *args, check=True):
@@ -60,6 +61,7 @@ def test_study_dry_run_lists_the_whole_study(tmp_path):
     proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "config/config.yaml"))
     counts = job_counts(proc.stdout)
     variants = 4 + 3 + 4 + 2 + 1 + 2 + 2  # DreamBooth λ, LoRA rank, TI vectors, CD params, CD multi-concept, LCM, DDPO
+    baselines = 7 + 1  # an untrained base per experiment; LCM's teacher also at its full step count
     assert counts == {
         "fetch_model": 5,  # sd15, sd14, clip, dino, aesthetic
         "fetch_dataset": 5,  # dog (3 images), dog5, cat_toy, naruto, cc12m
@@ -68,18 +70,23 @@ def test_study_dry_run_lists_the_whole_study(tmp_path):
         "index_pool": 1,  # cc12m, the retrieval pool, embedded once
         "retrieve_class_images": 3,  # real dogs (CD, CD multi-concept) and toys (CD multi-concept), shared by variants
         "embed_references": 3,  # the three subjects scored with CLIP-I/DINO-I
-        "train": variants,
-        "sample": variants,
-        "evaluate": variants,
+        "embed_class_images": 3,  # what the prior probe (the class prompt's samples) is compared with
+        "train": variants,  # baselines are never trained
+        "sample": variants + baselines,
+        "evaluate": variants + baselines,
         "score_references": 3,  # the real-image upper bound of each subject
         "aggregate": 1,
         "plot_sweep": 7,
+        "plot_learning": 7,
         "plot_efficiency": 1,
         "plot_gallery": variants,
         "all": 1,
     }
     for name in ("lambda-0.25", "rank-16", "vectors-8", "params-crossattn_kv", "loss-huber", "lora-true"):
         assert f"/{name}/artifact" in proc.stdout
+    for chain in ("samples/dreambooth/base", "samples/lcm/base-full", "metrics/ddpo/base.csv"):
+        assert chain in proc.stdout
+    assert "train/dreambooth/base" not in proc.stdout
 
 
 @pytest.mark.parametrize("on_submit_host", [True, False])
@@ -180,11 +187,36 @@ def test_tiny_run_scores_lora_lcm_and_ddpo(tiny_run):
     assert ranks[1] == 2 * ranks[0] and ranks[2] == 4 * ranks[0]  # LoRA parameters grow linearly with r
 
 
+def test_tiny_run_has_a_base_and_paired_deltas_in_every_experiment(tiny_run):
+    work, _ = tiny_run
+    table = pd.read_csv(work / "results/tables/summary.csv")
+    for experiment, baselines in TINY_BASELINES.items():
+        rows = table[table["experiment"] == experiment].set_index("variant")
+        assert list(rows.index) == [*baselines, *TINY_VARIANTS[experiment]], experiment
+        assert (rows.loc[list(baselines), "role"] == "baseline").all()
+        trained = rows[rows["role"] == "trained"]
+        assert trained["clip_t_delta"].notna().all(), experiment
+        assert ((trained["clip_t_delta_lo"] <= trained["clip_t_delta"])
+                & (trained["clip_t_delta"] <= trained["clip_t_delta_hi"])).all(), experiment
+    dreambooth = table[(table["experiment"] == "dreambooth") & (table["role"] == "trained")]
+    for column in ("prior_clip_i", "prior_dino_i", "prior_class_clip_i", "prior_clip_i_delta"):
+        assert dreambooth[column].notna().all(), column
+    ti = read_jsonl(work / "results/samples/textual_inversion/base/samples.jsonl")
+    assert ti[0]["prompt"] == "toy in a basket" and ti[0]["eval_prompt"] == "a cat toy in a basket"
+    assert read_json(work / "results/samples/lcm/base-full/latency.json")["steps"] == 50
+    deltas = pd.read_csv(work / "results/tables/deltas.csv")
+    assert {"base", "base-full"} == set(deltas[deltas["experiment"] == "lcm"]["reference"])
+    assert "Does it learn?" in (work / "results/tables/learning.html").read_text()
+    for experiment in TINY_VARIANTS:
+        assert (work / f"results/plots/learning/{experiment}.png").stat().st_size > 0
+
+
 def test_report_holds_the_table_and_samples(tiny_run):
     work, _ = tiny_run
     html = (work / "report.html").read_text(errors="replace")
     assert "summary.csv" in html and "dreambooth.png" in html and "00_0.png" in html
     assert "summary.html" in html and "efficiency_size.png" in html and "lambda-0.25.png" in html
+    assert "learning.html" in html and "Does it learn?" in html
 
 
 def test_nothing_reruns_when_nothing_changed(tiny_run):
@@ -201,6 +233,7 @@ def test_changing_one_lambda_reruns_only_its_chain(tiny_run, tmp_path):
     assert job_counts(proc.stdout) == {
         "train": 1, "sample": 1, "evaluate": 1, "aggregate": 1, "plot_gallery": 1, "plot_efficiency": 1, "all": 1,
         "plot_sweep": len(TINY_VARIANTS),  # every sweep plot reads summary.csv
+        "plot_learning": len(TINY_VARIANTS),  # and so does every "Does it learn?" figure
     }
     assert "lambda-0.3/artifact" in proc.stdout
 
@@ -211,7 +244,7 @@ def test_changing_sampling_reruns_no_training(tiny_run, tmp_path):
     cfg["evaluation"]["seeds"] += 1
     proc = snakemake(work, "-n", "--configfile", str(write_config(tmp_path / "changed.yaml", cfg)))
     counts = job_counts(proc.stdout)
-    n = sum(len(v) for v in TINY_VARIANTS.values())
+    n = sum(len(v) for v in TINY_VARIANTS.values()) + sum(len(b) for b in TINY_BASELINES.values())
     assert "train" not in counts and counts["sample"] == n and counts["evaluate"] == n
 
 

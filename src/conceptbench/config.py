@@ -31,6 +31,11 @@ SCHEMA = resources.files("conceptbench") / "schemas" / "config.schema.yaml"
 VARIANT_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 # Methods whose experiments score against reference images need a subject dataset.
 REFERENCE_METRICS = {"clip_i", "dino_i"}
+# The untrained base model's variant, present in every experiment: every other variant's paired deltas
+# are taken against it (aggregate.py). `baselines` may add more references (LCM's teacher at full steps).
+BASE = "base"
+# Prompt sets of a variant's samples: the evaluation prompts, and the class prompt (the prior probe).
+EVAL_SET, PRIOR_SET = "eval", "prior"
 
 
 class ConfigError(ValueError):
@@ -212,6 +217,7 @@ def _check_references(config: dict, schema: dict) -> None:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             problems.append(f"{where}.sweep.values: duplicate variant names {dupes}")
+        problems += _baseline_problems(where, exp, names)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -247,6 +253,18 @@ def _retrieval_problems(where: str, exp: dict, datasets: dict) -> list[str]:
     return problems
 
 
+def _baseline_problems(where: str, exp: dict, variant_names: list[str]) -> list[str]:
+    """`baselines` must hold `base`, with names that are valid and distinct from the sweep's variants."""
+    names = list(exp["baselines"])
+    problems = [] if BASE in names else [f"{where}.baselines: must include {BASE!r} (the untrained base model)"]
+    for n in names:
+        if not VARIANT_RE.match(n):
+            problems.append(f"{where}.baselines: name {n!r} has characters outside [A-Za-z0-9_.+-]")
+        if n in variant_names:
+            problems.append(f"{where}.baselines: {n!r} is also the name of a swept variant")
+    return problems
+
+
 def enabled_experiments(config: dict) -> dict:
     return {name: exp for name, exp in config["experiments"].items() if exp.get("enabled", True)}
 
@@ -270,11 +288,25 @@ def variants(config: dict) -> dict[str, dict[str, object]]:
     }
 
 
+def baselines(config: dict) -> dict[str, dict[str, dict]]:
+    """{experiment: {baseline name: its sampling overrides}} for every enabled experiment; `base` first."""
+    return {
+        name: {BASE: exp["baselines"][BASE], **{b: o for b, o in exp["baselines"].items() if b != BASE}}
+        for name, exp in enabled_experiments(config).items()
+    }
+
+
+def is_baseline(config: dict, experiment: str, variant: str) -> bool:
+    return variant in config["experiments"][experiment]["baselines"]
+
+
 def resolve_variant(config: dict, experiment: str, variant: str) -> dict:
-    """The plain-JSON spec a training job receives: the experiment with the sweep value applied."""
+    """The plain-JSON spec a job receives: the experiment with the sweep value applied.
+
+    A baseline (`base`, ...) is the experiment untouched, with the baseline's sampling overrides
+    (steps, scheduler); it is never trained.
+    """
     exp = config["experiments"][experiment]
-    value = variants(config)[experiment][variant]
-    section, key = exp["sweep"]["param"].split(".")
     spec = {
         "experiment": experiment,
         "variant": variant,
@@ -285,7 +317,11 @@ def resolve_variant(config: dict, experiment: str, variant: str) -> dict:
         "sampling": copy.deepcopy(exp["sampling"]),
         "args": copy.deepcopy(exp["args"]),
     }
-    spec[section][key] = value
+    if is_baseline(config, experiment, variant):
+        spec["sampling"].update(exp["baselines"][variant])
+    else:
+        section, key = exp["sweep"]["param"].split(".")
+        spec[section][key] = variants(config)[experiment][variant]
     if exp["class_images"]["count"] and "class_prompt" in spec["args"] and spec["args"]["class_prompt"] is None:
         spec["args"]["class_prompt"] = exp["class_images"]["prompt"]  # a method taking class images declares it
     return spec
@@ -305,6 +341,16 @@ def eval_prompts(exp: dict) -> list[dict]:
         for phrase, replacement in exp.get("extra_phrases", {}).items():  # multi-concept prompts
             scored = scored.replace(phrase, replacement)
         rows.append({"prompt": prompt, "eval_prompt": " ".join(scored.split())})
+    return rows
+
+
+def sample_prompts(exp: dict) -> list[dict]:
+    """What a variant samples: the evaluation prompts (set "eval") and, for an experiment with class
+    images, its class prompt (set "prior": the prior probe; does the class prompt now draw the subject?)."""
+    rows = [{**row, "prompt_set": EVAL_SET} for row in eval_prompts(exp)]
+    if exp["class_images"]["count"] and exp["class_images"]["prompt"]:
+        prompt = exp["class_images"]["prompt"]
+        rows.append({"prompt": prompt, "eval_prompt": prompt, "prompt_set": PRIOR_SET})
     return rows
 
 

@@ -31,7 +31,8 @@ def sample(pipe, prompts: list[dict], seeds: list[int], steps: int, guidance_sca
            out_dir: Path, batch_size: int = 4, **call_kwargs) -> list[dict]:
     """Generate one image per (prompt, seed) into out_dir; return the samples.jsonl rows.
 
-    prompts: [{"prompt": text given to the model, "eval_prompt": text CLIP-T scores against}].
+    prompts: [{"prompt": text given to the model, "eval_prompt": text CLIP-T scores against,
+    "prompt_set": "eval" (default) or "prior" (the class prompt, DreamBooth's prior probe)}].
     Seeds of one prompt are batched `batch_size` at a time. Extra keyword arguments go to the pipeline.
     """
     out_dir = Path(out_dir)
@@ -51,7 +52,7 @@ def sample(pipe, prompts: list[dict], seeds: list[int], steps: int, guidance_sca
                 name = image_name(i, seed)
                 image.save(out_dir / name)
                 rows.append(dict(file=name, prompt=p["prompt"], eval_prompt=p.get("eval_prompt", p["prompt"]),
-                                 prompt_index=i, seed=int(seed)))
+                                 prompt_index=i, seed=int(seed), prompt_set=p.get("prompt_set", "eval")))
     return rows
 
 
@@ -107,36 +108,57 @@ def sampling_config(spec: dict, cfg: dict) -> dict:
             "latency_repeats": evaluation["latency_repeats"], "resolution": spec["resolution"], **cfg}
 
 
-def run_sampling(spec: dict, base_model: Path, artifact_dir: Path, cfg: dict, out_dir: Path, *,
-                 threads: int | None = None, device: str | None = None) -> list[dict]:
-    """Sample a trained variant into out_dir: the PNGs, samples.jsonl and latency.json.
+def load_for_sampling(spec: dict, base_model: Path, artifact_dir: Path | None, cfg: dict, device):
+    """(pipeline, prompts): a trained variant through its method's loader, or, with no artifact, the
+    untrained base model (a baseline) given each prompt as the method's base_prompt reads it.
+    cfg["scheduler"] "ddim" swaps in a DDIMScheduler built from the pipeline's own config."""
+    from diffusers import DDIMScheduler
 
-    The pipeline comes from the loader of spec["method"]. cfg: prompts ([{prompt, eval_prompt}]),
-    seeds, and any of the sampling settings (sampling_config: steps, guidance_scale, dtype, the fast
-    paths, batch_size, resolution, latency_repeats, 0 for no latency run and median_ms null).
-    out_dir appears only once complete.
-    """
     from .methods import get_method
+    from .train.method import load_base_pipeline
 
+    method, dtype, prompts = get_method(spec["method"]), runtime.torch_dtype(cfg["dtype"]), cfg["prompts"]
+    if artifact_dir is None:
+        pipe = load_base_pipeline(Path(base_model), dtype=dtype).to(device)
+        prompts = [{**p, "prompt": method.base_prompt(p, spec.get("args", {}))} for p in prompts]
+    else:
+        pipe = method.load_pipeline(Path(artifact_dir), Path(base_model), spec, device, dtype)
+    scheduler = cfg.get("scheduler", "pipeline")  # set by a baseline (`baselines:` in the schema)
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler != "pipeline":
+        raise ValueError(f"baselines: scheduler {scheduler!r} is neither 'pipeline' nor 'ddim'")
+    return pipe, prompts
+
+
+def run_sampling(spec: dict, base_model: Path, artifact_dir: Path | None, cfg: dict, out_dir: Path, *,
+                 threads: int | None = None, device: str | None = None) -> list[dict]:
+    """Sample a variant into out_dir: the PNGs, samples.jsonl and latency.json.
+
+    The pipeline comes from the loader of spec["method"]; artifact_dir None samples the base model
+    untouched (a baseline, see load_for_sampling). cfg: prompts ([{prompt, eval_prompt, prompt_set}]),
+    seeds, steps, guidance_scale, batch_size, resolution (default spec["resolution"]),
+    dtype ("fp32" | "fp16" | "bf16"), the fast paths, scheduler ("pipeline" | "ddim"),
+    latency_repeats (0: no latency run, median_ms null); unset ones from sampling_config. out_dir appears only once complete.
+    """
     cfg = sampling_config(spec, cfg)
     runtime.set_threads(threads)
-    dev = runtime.pick_device(device)
-    pipe = get_method(spec["method"]).load_pipeline(Path(artifact_dir), Path(base_model), spec, dev,
-                                                    runtime.torch_dtype(cfg["dtype"]))
+    pipe, prompts = load_for_sampling(spec, base_model, artifact_dir, cfg, runtime.pick_device(device))
     fast_paths = apply_fast_paths(pipe, cfg)
     pipe.set_progress_bar_config(disable=True)
     common = dict(steps=cfg["steps"], guidance_scale=cfg["guidance_scale"], resolution=cfg["resolution"])
 
     with atomic_path(out_dir) as tmp:
         t = time.perf_counter()
-        rows = sample(pipe, cfg["prompts"], cfg["seeds"], batch_size=cfg["batch_size"], out_dir=tmp, **common)
+        rows = sample(pipe, prompts, cfg["seeds"], batch_size=cfg["batch_size"], out_dir=tmp, **common)
         write_jsonl(tmp / "samples.jsonl", rows)
         log.info("sampled %d images in %.1f s", len(rows), time.perf_counter() - t)
         latency = dict(median_ms=None, all_ms=[], warmup_ms=[])
         if cfg["latency_repeats"] > 0:
-            latency = pipeline_latency(pipe, cfg["prompts"][0]["prompt"], warmup=LATENCY_WARMUP,
+            latency = pipeline_latency(pipe, prompts[0]["prompt"], warmup=LATENCY_WARMUP,
                                        repeats=cfg["latency_repeats"], **common)
-        latency.update({k: spec.get(k) for k in ("experiment", "variant", "method", "seed")}, fast_paths=fast_paths)
+        latency.update({k: spec.get(k) for k in ("experiment", "variant", "method", "seed")}, fast_paths=fast_paths,
+                       scheduler=type(pipe.scheduler).__name__)
         write_json(tmp / "latency.json", latency)
     return rows
 

@@ -1,5 +1,6 @@
-# Real-image upper bounds, the summary tables, plots, galleries and their report items.
-# These jobs import no torch: they start in a second. Report categories are methods; labels variants.
+# Real-image upper bounds, the summary tables (paired deltas to each experiment's untrained base), plots,
+# galleries, the "Does it learn?" page and their report items. These jobs import no torch: they start in
+# a second. Report categories are methods; labels variants.
 
 
 rule score_references:
@@ -25,6 +26,8 @@ rule aggregate:
         metrics=variant_files(f"{RESULTS}/metrics/{{experiment}}/{{variant}}.csv"),
         train=variant_files(f"{RESULTS}/train/{{experiment}}/{{variant}}/train.json"),
         samples=variant_files(f"{RESULTS}/samples/{{experiment}}/{{variant}}"),
+        base_metrics=baseline_files(f"{RESULTS}/metrics/{{experiment}}/{{variant}}.csv"),
+        base_samples=baseline_files(f"{RESULTS}/samples/{{experiment}}/{{variant}}"),
         references=reference_score_files,
         study=STUDY_RESULTS,
     output:
@@ -42,6 +45,13 @@ rule aggregate:
         ),
         md=f"{RESULTS}/tables/summary.md",
         comparison=f"{RESULTS}/tables/study_comparison.csv",
+        deltas=f"{RESULTS}/tables/deltas.csv",
+        learning=report(
+            f"{RESULTS}/tables/learning.html",
+            caption="../report/learning.rst",
+            category="Does it learn?",
+            labels={"experiment": "all", "figure": "base vs best variant, paired deltas"},
+        ),
     params:
         experiments=experiment_table,
         subjects=reference_subjects,
@@ -63,6 +73,7 @@ rule plot_sweep:
     input:
         summary=f"{RESULTS}/tables/summary.csv",
         study=STUDY_RESULTS,
+        artifacts=experiment_artifacts,
     output:
         report(
             f"{RESULTS}/plots/{{experiment}}.png",
@@ -116,6 +127,32 @@ rule plot_efficiency:
         "../../envs/report.yaml"
     script:
         "../scripts/plot_efficiency.py"
+
+
+rule plot_learning:
+    input:
+        summary=f"{RESULTS}/tables/summary.csv",
+        samples=experiment_samples,
+    output:
+        report(
+            f"{RESULTS}/plots/learning/{{experiment}}.png",
+            caption="../report/learning_figure.rst",
+            category="Does it learn?",
+            labels={"experiment": "{experiment}", "figure": "base vs best variant, same seeds"},
+        ),
+    params:
+        experiment=experiment_info,
+    log:
+        f"{RESULTS}/logs/plot_learning/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/plot_learning/{{experiment}}.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/plot_learning.py"
 
 
 rule plot_gallery:

@@ -22,7 +22,8 @@ cb.check_output_dirs(config)
 
 RESULTS = config["results"]
 RESOURCES = config["resources"]
-VARIANTS = cb.variants(config)
+VARIANTS = cb.variants(config)  # the trained variants: {experiment: {variant: swept value}}
+BASELINES = cb.baselines(config)  # the untrained references: {experiment: {name: sampling overrides}}
 EXPERIMENTS = config["experiments"]
 MODELS = config["models"]
 DATASETS = config["datasets"]
@@ -34,7 +35,7 @@ def _alternatives(names):
 
 wildcard_constraints:
     experiment=_alternatives(VARIANTS),
-    variant=_alternatives({v for vs in VARIANTS.values() for v in vs}),
+    variant=_alternatives({v for table in (VARIANTS, BASELINES) for vs in table.values() for v in vs}),
     model=_alternatives(MODELS),
     dataset=_alternatives(DATASETS),
 
@@ -144,12 +145,32 @@ def pool_index_inputs(wildcards):
     return {"pool": f"{RESULTS}/data/{wildcards.dataset}", "clip": model_dir(config["metrics"]["clip"])}
 
 
+def sample_inputs(wildcards):
+    """The base model, and the trained artifact unless the variant is a baseline (the base model untouched)."""
+    inputs = {"base": base_model_of(wildcards)}
+    if not cb.is_baseline(config, wildcards.experiment, wildcards.variant):
+        inputs["artifact"] = f"{RESULTS}/train/{wildcards.experiment}/{wildcards.variant}/artifact"
+    return inputs
+
+
+def has_prior_probe(experiment):
+    """Whether the experiment's samples include its class prompt (the prior probe of cb.sample_prompts)."""
+    return any(p["prompt_set"] == cb.PRIOR_SET for p in cb.sample_prompts(EXPERIMENTS[experiment]))
+
+
 def evaluate_inputs(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     inputs = {"samples": f"{RESULTS}/samples/{wildcards.experiment}/{wildcards.variant}", **metric_models(wildcards)}
     if cb.REFERENCE_METRICS & set(exp["metrics"]):
         inputs["references"] = f"{RESULTS}/references/{exp['data']}.safetensors"
+    if has_prior_probe(wildcards.experiment):
+        inputs["class_references"] = f"{RESULTS}/references/class_images/{wildcards.experiment}.safetensors"
     return inputs
+
+
+def class_reference_inputs(wildcards):
+    """What embed_class_images embeds: the experiment's (own concept's) class images, with both encoders."""
+    return {**reference_models(wildcards), "images": class_images_dir(wildcards.experiment, 0)}
 
 
 def reference_models(wildcards):
@@ -169,7 +190,7 @@ def variant_spec(wildcards):
 def sampling_params(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     return {
-        "prompts": cb.eval_prompts(exp),
+        "prompts": cb.sample_prompts(exp),
         "seeds": [config["seed"] + k for k in range(config["evaluation"]["seeds"])],
         "batch_size": config["evaluation"]["batch_size"],
         "latency_repeats": config["evaluation"]["latency_repeats"],
@@ -193,6 +214,7 @@ def experiment_table(wildcards=None):
             "metrics": EXPERIMENTS[name]["metrics"],
             "param": EXPERIMENTS[name]["sweep"]["param"],
             "variants": values,
+            "baselines": list(BASELINES[name]),
         }
         for name, values in VARIANTS.items()
     }
@@ -290,12 +312,29 @@ def variant_files(pattern):
     return [pattern.format(experiment=e, variant=v) for e, vs in VARIANTS.items() for v in vs]
 
 
+def baseline_files(pattern):
+    return [pattern.format(experiment=e, variant=b) for e, bs in BASELINES.items() for b in bs]
+
+
+def experiment_artifacts(wildcards):
+    """The trained artifacts of one experiment (plot_sweep reads DDPO's rewards.json from them)."""
+    return [f"{RESULTS}/train/{wildcards.experiment}/{v}/artifact" for v in VARIANTS[wildcards.experiment]]
+
+
+def experiment_samples(wildcards):
+    """The sample folders of one experiment's baselines and variants (plot_learning picks base and best)."""
+    names = [*BASELINES[wildcards.experiment], *VARIANTS[wildcards.experiment]]
+    return [f"{RESULTS}/samples/{wildcards.experiment}/{v}" for v in names]
+
+
 def final_targets(wildcards=None):
     return [
         f"{RESULTS}/tables/summary.csv",
         f"{RESULTS}/tables/summary.md",
         f"{RESULTS}/tables/summary.html",
         *[f"{RESULTS}/plots/{e}.png" for e in VARIANTS],
+        f"{RESULTS}/tables/learning.html",
+        *[f"{RESULTS}/plots/learning/{e}.png" for e in VARIANTS],
         f"{RESULTS}/plots/efficiency_size.png",
         f"{RESULTS}/plots/efficiency_latency.png",
         *variant_files(f"{RESULTS}/plots/gallery/{{experiment}}/{{variant}}.png"),

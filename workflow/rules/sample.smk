@@ -1,11 +1,10 @@
 # Sampling: every prompt x seed with fixed generators (a rerun gives the same images), batched,
-# plus the steady-state latency of one image.
+# plus the steady-state latency of one image. A baseline (`base`, ...) samples the base model untouched.
 
 
 rule sample:
     input:
-        base=base_model_of,
-        artifact=f"{RESULTS}/train/{{experiment}}/{{variant}}/artifact",
+        unpack(sample_inputs),
     output:
         samples=report(
             directory(f"{RESULTS}/samples/{{experiment}}/{{variant}}"),

@@ -1,5 +1,6 @@
-"""Gather every variant's metrics (with bootstrap intervals), training summary and latency, the
-real-image upper bounds and the study's numbers into results/tables/summary.{csv,md,html}."""
+"""Gather every variant's and baseline's metrics (with bootstrap intervals and paired deltas to the base),
+training summary and latency, the real-image upper bounds and the study's numbers into
+results/tables/summary.{csv,md,html}, deltas.csv and learning.html."""
 
 from conceptbench.aggregate import aggregate
 from conceptbench.jobs import job
@@ -17,4 +18,8 @@ with job(snakemake.log[0]):
         study_path=snakemake.input.study,
         html_path=snakemake.output.html,
         comparison_path=snakemake.output.comparison,
+        baseline_metrics_files=snakemake.input.base_metrics,
+        baseline_sample_dirs=snakemake.input.base_samples,
+        deltas_path=snakemake.output.deltas,
+        learning_path=snakemake.output.learning,
     )

@@ -1,4 +1,5 @@
-"""Score every sample of a variant: CLIP-T, CLIP-I, DINO-I and aesthetic per image, degenerate ones flagged."""
+"""Score every sample of a variant: CLIP-T, CLIP-I, DINO-I, aesthetic (and the prior probe's similarity to the
+class images) per image, degenerate ones flagged."""
 
 from conceptbench.jobs import job
 
@@ -12,4 +13,5 @@ with job(snakemake.log[0]):
         snakemake.input.get("dino"),
         snakemake.input.get("aesthetic"),
         snakemake.output[0],
+        class_refs_path=snakemake.input.get("class_references"),
     )

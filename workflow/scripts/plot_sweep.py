@@ -1,4 +1,5 @@
-"""Plot one experiment's metrics against its swept hyperparameter, with bootstrap intervals and the study's points."""
+"""Plot one experiment's metrics against its swept hyperparameter, with bootstrap intervals, the study's points,
+the untrained baselines and, for DDPO, the training reward per epoch."""
 
 from conceptbench.jobs import job
 from conceptbench.plots import plot_sweep
@@ -10,4 +11,5 @@ with job(snakemake.log[0]):
         snakemake.input.summary,
         snakemake.output[0],
         study_path=snakemake.input.study,
+        artifacts=snakemake.input.artifacts,
     )

@@ -1,4 +1,4 @@
-"""Sample a trained variant: every prompt x seed with fixed generators, plus steady-state latency."""
+"""Sample a variant (or, without an artifact, a baseline): every prompt x seed with fixed generators, plus latency."""
 
 from conceptbench.jobs import job
 
@@ -8,7 +8,7 @@ with job(snakemake.log[0]):
     run_sampling(
         snakemake.params.spec,
         base_model=snakemake.input.base,
-        artifact_dir=snakemake.input.artifact,
+        artifact_dir=snakemake.input.get("artifact"),
         cfg=snakemake.params.cfg,
         out_dir=snakemake.output.samples,
         threads=snakemake.threads,

@@ -112,5 +112,11 @@ class TextualInversion(Method):
         pipe.load_textual_inversion(str(artifact_dir), weight_name=WEIGHT_NAME)
         return pipe.to(device)
 
+    @classmethod
+    def base_prompt(cls, row: dict, args: dict) -> str:
+        """The placeholder read as its initializer word ("<sks-cat> in a basket" -> "toy in a basket"):
+        the untrained embedding is that word's, so this is the method before its first step."""
+        return row["prompt"].replace(args["placeholder_token"], args["initializer_token"])
+
 
 METHOD = TextualInversion

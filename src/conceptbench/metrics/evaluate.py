@@ -3,6 +3,11 @@
 The workflow embeds each subject's reference photos once (`embed_references`), then scores every
 variant's samples.jsonl with it (`evaluate_samples`); `score_references` gives the leave-one-out
 upper bound that real photos of the subject reach.
+
+Per-image scores are the interface to aggregate.py: every numeric column of the CSV that is not a
+sample key is a metric there, and gets its mean, 95 % interval and paired delta against the base
+variant in summary.csv with no change in aggregate. A new per-image metric is one more entry of
+`scores_out` in `evaluate_samples` (and of COLUMNS).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from . import scores
 log = logging.getLogger(__name__)
 
 SAMPLE_KEYS = ("file", "prompt", "eval_prompt", "prompt_index", "seed")
-COLUMNS = [*SAMPLE_KEYS, "clip_t", "clip_i", "dino_i", "aesthetic", "degenerate"]
+PROMPT_SET = "prompt_set"  # "eval", or "prior" for the class prompt's samples (rows without it: "eval")
+METRIC_COLUMNS = ["clip_t", "clip_i", "dino_i", "aesthetic", "class_clip_i", "class_dino_i"]
+COLUMNS = [*SAMPLE_KEYS, PROMPT_SET, *METRIC_COLUMNS, "degenerate"]
 CHUNK = 64  # images held in memory at a time
 
 
@@ -105,6 +112,17 @@ def read_samples(samples_dir) -> list[dict]:
     return rows
 
 
+def _references(path, clip, dino):
+    """(clip [N, Dc], dino [N, Dd] or None) of an embed_references file, checked against the encoders."""
+    if path is None:
+        return None, None
+    ref_clip, ref_dino, _ = load_references(path)
+    _check_dims(path, "clip", ref_clip, clip.dim)
+    if dino is not None:
+        _check_dims(path, "dino", ref_dino, dino.dim)
+    return ref_clip, (ref_dino if dino is not None else None)
+
+
 def evaluate_samples(
     samples_dir,
     refs_path,
@@ -113,49 +131,57 @@ def evaluate_samples(
     aesthetic_path,
     out_csv,
     device=None,
+    class_refs_path=None,
 ) -> pd.DataFrame:
     """Score each sample listed in samples_dir/samples.jsonl and write one CSV row per image.
 
     clip_t compares the image with its eval_prompt (placeholder token replaced). clip_i and dino_i
     need refs_path (dino_i also dino_path) and are left empty otherwise; aesthetic needs
-    aesthetic_path. Degenerate images (black, NaN, flat) are scored too, but flagged.
+    aesthetic_path. class_clip_i and class_dino_i score the prior probe's samples (prompt_set
+    "prior") against the class images embedded in class_refs_path. Degenerate images (black, NaN,
+    flat) are scored too, but flagged.
     """
     from .encoders import AestheticScorer, ClipEncoder, DinoEncoder
 
     samples_dir = Path(samples_dir)
     rows = read_samples(samples_dir)
     clip = ClipEncoder.load(clip_path, device)
-    dino = DinoEncoder.load(dino_path, device) if refs_path is not None and dino_path is not None else None
+    wants_dino = dino_path is not None and (refs_path is not None or class_refs_path is not None)
+    dino = DinoEncoder.load(dino_path, device) if wants_dino else None
     head = AestheticScorer.load(aesthetic_path, device) if aesthetic_path is not None else None
-    ref_clip = ref_dino = None
-    if refs_path is not None:
-        ref_clip, ref_dino, _ = load_references(refs_path)
-        _check_dims(refs_path, "clip", ref_clip, clip.dim)
-        if dino is not None:
-            _check_dims(refs_path, "dino", ref_dino, dino.dim)
+    ref_clip, ref_dino = _references(refs_path, clip, dino)
+    class_clip, class_dino = _references(class_refs_path, clip, dino)
+    prior = np.array([r.get(PROMPT_SET, "eval") == "prior" for r in rows])
 
     prompts = sorted({r["eval_prompt"] for r in rows})
     text = dict(zip(prompts, clip.encode_texts(prompts).numpy()))
 
     n = len(rows)
-    out = {k: np.full(n, np.nan) for k in ("clip_t", "clip_i", "dino_i", "aesthetic")}
+    scores_out = {k: np.full(n, np.nan) for k in METRIC_COLUMNS}
     degenerate = np.zeros(n, dtype=bool)
     for start in range(0, n, CHUNK):
         chunk = rows[start : start + CHUNK]
         at = slice(start, start + len(chunk))
         images = [_open_rgb(samples_dir / r["file"]) for r in chunk]
         degenerate[at] = [scores.is_degenerate(im) for im in images]
-        image_embeds = clip.encode_images(images)
-        out["clip_t"][at] = scores.clip_t(image_embeds.numpy(), np.stack([text[r["eval_prompt"]] for r in chunk]))
+        embeds = clip.encode_images(images)
+        image_embeds = embeds.numpy()
+        dino_embeds = dino.encode_images(images).numpy() if dino is not None else None
+        scores_out["clip_t"][at] = scores.clip_t(image_embeds, np.stack([text[r["eval_prompt"]] for r in chunk]))
         if ref_clip is not None:
-            out["clip_i"][at] = scores.clip_i(image_embeds.numpy(), ref_clip)
-        if dino is not None:
-            out["dino_i"][at] = scores.dino_i(dino.encode_images(images).numpy(), ref_dino)
+            scores_out["clip_i"][at] = scores.clip_i(image_embeds, ref_clip)
+        if ref_dino is not None:
+            scores_out["dino_i"][at] = scores.dino_i(dino_embeds, ref_dino)
         if head is not None:
-            out["aesthetic"][at] = head.score(image_embeds).numpy()
+            scores_out["aesthetic"][at] = head.score(embeds).numpy()
+        if class_clip is not None:
+            scores_out["class_clip_i"][at] = np.where(prior[at], scores.clip_i(image_embeds, class_clip), np.nan)
+        if class_dino is not None:
+            scores_out["class_dino_i"][at] = np.where(prior[at], scores.dino_i(dino_embeds, class_dino), np.nan)
 
     df = pd.DataFrame({k: [r[k] for r in rows] for k in SAMPLE_KEYS})
-    for k, v in out.items():
+    df[PROMPT_SET] = [r.get(PROMPT_SET, "eval") for r in rows]
+    for k, v in scores_out.items():
         df[k] = v
     df["degenerate"] = degenerate
     df = df[COLUMNS]

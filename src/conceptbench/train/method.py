@@ -152,6 +152,13 @@ class Method:
         """A ready-to-sample diffusers pipeline built from the artifact (and the base model)."""
         raise NotImplementedError
 
+    @classmethod
+    def base_prompt(cls, row: dict, args: dict) -> str:
+        """What the untrained base model is given for a sample row (the `base` variant): the prompt as
+        CLIP-T reads it, the placeholder replaced by the class phrase ("sks dog in a bucket" -> "a dog
+        in a bucket"), since the base model has never seen the placeholder."""
+        return row["eval_prompt"]
+
 
 # ---------------------------------------------------------------- helpers methods share
 
