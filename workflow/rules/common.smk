@@ -41,11 +41,12 @@ wildcard_constraints:
 
 
 def model_dir(name):
-    """Where model `name` lives: built tiny, fetched from the hub, or a user's local folder."""
+    """Where model `name` lives: the toy world's, built tiny, fetched from the hub, or a user's local folder."""
     spec = MODELS[name]
     if spec.get("path"):
         return spec["path"]
-    return f"{RESOURCES}/models/{'tiny' if spec.get('tiny') else 'hub'}/{name}"
+    source = "world" if spec.get("world") else "tiny" if spec.get("tiny") else "hub"
+    return f"{RESOURCES}/models/{source}/{name}"
 
 
 def model_spec(wildcards):
@@ -146,7 +147,16 @@ def evaluate_inputs(wildcards):
     inputs = {"samples": f"{RESULTS}/samples/{wildcards.experiment}/{wildcards.variant}", **metric_models(wildcards)}
     if cb.REFERENCE_METRICS & set(exp["metrics"]):
         inputs["references"] = f"{RESULTS}/references/{exp['data']}.safetensors"
+    if config["metrics"].get("oracle"):
+        inputs["oracle"] = model_dir(config["metrics"]["oracle"])
     return inputs
+
+
+def world_subject(wildcards):
+    """The toy-world subject an experiment teaches (its data's `world.subject`), for the oracle; else None."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    data = DATASETS.get(exp.get("data") or "", {})
+    return (data.get("world") or {}).get("subject") if exp["task"] == "subject" else None
 
 
 def reference_models(wildcards):
@@ -257,7 +267,7 @@ TRAIN_SETUP_MINUTES = 15  # loading the models, saving the artifact, the last ch
 def _tiny_job(wildcards):
     """Whether a job runs on tiny components: its experiment's base model, else the scoring CLIP."""
     name = EXPERIMENTS[wildcards.experiment]["base_model"] if hasattr(wildcards, "experiment") else config["metrics"]["clip"]
-    return bool(MODELS[name].get("tiny"))
+    return bool(MODELS[name].get("tiny") or MODELS[name].get("world"))
 
 
 def host_threads(full):
@@ -301,8 +311,23 @@ def variant_files(pattern):
     return [pattern.format(experiment=e, variant=v) for e, vs in VARIANTS.items() for v in vs]
 
 
+def world_overview_inputs(wildcards):
+    """The toy world's base model and its subject and style datasets, as the experiments use them."""
+    exps = list(EXPERIMENTS.values())
+    inputs = {"sd": model_dir(exps[0]["base_model"])}
+    for exp in exps:
+        if exp["task"] in ("subject", "style"):
+            inputs.setdefault(exp["data"], f"{RESULTS}/data/{exp['data']}")
+    return inputs
+
+
+def in_toy_world():
+    return any(m.get("world") for m in MODELS.values())
+
+
 def final_targets(wildcards=None):
     return [
+        *([f"{RESULTS}/world/overview.png", f"{RESULTS}/world/quality.html"] if in_toy_world() else []),
         f"{RESULTS}/tables/summary.csv",
         f"{RESULTS}/tables/summary.md",
         f"{RESULTS}/tables/summary.html",

@@ -12,4 +12,6 @@ with job(snakemake.log[0]):
         snakemake.input.get("dino"),
         snakemake.input.get("aesthetic"),
         snakemake.output[0],
+        oracle_path=snakemake.input.get("oracle"),
+        subject=snakemake.params.subject,
     )

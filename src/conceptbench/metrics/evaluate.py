@@ -113,12 +113,15 @@ def evaluate_samples(
     aesthetic_path,
     out_csv,
     device=None,
+    oracle_path=None,
+    subject: str | None = None,
 ) -> pd.DataFrame:
     """Score each sample listed in samples_dir/samples.jsonl and write one CSV row per image.
 
     clip_t compares the image with its eval_prompt (placeholder token replaced). clip_i and dino_i
     need refs_path (dino_i also dino_path) and are left empty otherwise; aesthetic needs
-    aesthetic_path. Degenerate images (black, NaN, flat) are scored too, but flagged.
+    aesthetic_path. Degenerate images (black, NaN, flat) are scored too, but flagged. In the toy world,
+    oracle_path adds the oracle's columns (`world.oracle.score_images`; `subject` is the one to find).
     """
     from .encoders import AestheticScorer, ClipEncoder, DinoEncoder
 
@@ -140,6 +143,11 @@ def evaluate_samples(
     n = len(rows)
     out = {k: np.full(n, np.nan) for k in ("clip_t", "clip_i", "dino_i", "aesthetic")}
     degenerate = np.zeros(n, dtype=bool)
+    oracle = None
+    if oracle_path is not None:
+        from ..world.oracle import Oracle, score_images
+
+        oracle, extra = Oracle.load(oracle_path), {}
     for start in range(0, n, CHUNK):
         chunk = rows[start : start + CHUNK]
         at = slice(start, start + len(chunk))
@@ -153,12 +161,19 @@ def evaluate_samples(
             out["dino_i"][at] = scores.dino_i(dino.encode_images(images).numpy(), ref_dino)
         if head is not None:
             out["aesthetic"][at] = head.score(image_embeds).numpy()
+        if oracle is not None:
+            cols = score_images(oracle, [np.asarray(im) for im in images], [r["prompt"] for r in chunk], subject)
+            for k, v in cols.items():
+                extra.setdefault(k, np.full(n, np.nan))[at] = v
 
     df = pd.DataFrame({k: [r[k] for r in rows] for k in SAMPLE_KEYS})
     for k, v in out.items():
         df[k] = v
     df["degenerate"] = degenerate
     df = df[COLUMNS]
+    if oracle is not None:
+        for k, v in extra.items():
+            df[k] = v
     if degenerate.any():
         log.warning("%s: %d of %d samples are degenerate", samples_dir, degenerate.sum(), n)
     _write_csv(df, out_csv)

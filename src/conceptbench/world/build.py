@@ -33,7 +33,7 @@ log = logging.getLogger("conceptbench.world")
 
 @dataclass
 class Sizes:
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     vae_batch: int = 32
     clip_steps: int = 1500
     clip_batch: int = 128

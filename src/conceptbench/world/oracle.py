@@ -162,6 +162,50 @@ class Oracle:
         return rows
 
 
+ATTRIBUTES = ("background", "colour", "position", "shape", "accessory")
+
+
+def score_images(oracle: "Oracle", images: list[np.ndarray], prompts: list[str], subject: str | None) -> dict:
+    """Per-image oracle columns for the evaluation table.
+
+    oracle_<attribute>: 1 when the image shows what its prompt names (NaN where the prompt does not name
+    it); oracle_subject: 1 when `subject` is the one drawn (NaN without a subject); oracle_ninja: 1 when
+    the image is drawn in the held-out ninja style; true_aesthetic: the world's aesthetic formula applied
+    to what the oracle measures in the image (colours, place, size).
+    """
+    reads = oracle.read(images)
+    out = {f"oracle_{a}": np.full(len(images), np.nan) for a in ATTRIBUTES}
+    for i, (read, prompt) in enumerate(zip(reads, prompts)):
+        asked = sc.parse_prompt(prompt)
+        for a in ATTRIBUTES:
+            if a in asked:
+                out[f"oracle_{a}"][i] = float(read.get(a) == asked[a])
+    out["oracle_subject"] = np.array([float(r["subject"] == subject) if subject else np.nan for r in reads])
+    out["oracle_ninja"] = np.array([float(r["style"] == "ninja") for r in reads])
+    out["true_aesthetic"] = np.array([measured_aesthetic(im, r) for im, r in zip(images, reads)])
+    return out
+
+
+def measured_aesthetic(img: np.ndarray, read: dict) -> float:
+    """The world's aesthetic formula on what can be measured in the image; 1 (the floor) with no object."""
+    if read.get("colour") is None:
+        return 1.0
+    name = read["colour"]
+    colour = sc.COLOURS[name] if name in sc.COLOURS else sc.SUBJECTS[name.split(":", 1)[1]]["body"]
+    img = np.asarray(img)
+    px = img.reshape(-1, 3).astype(np.float32)
+    mask = (np.linalg.norm(px - np.array(colour, np.float32), axis=1) < NEAR_PALETTE).reshape(img.shape[:2])
+    ys, xs = np.nonzero(mask)
+    scale = sc.SIZE / img.shape[0]
+    cx, cy = (xs.mean() + 0.5) * scale, (ys.mean() + 0.5) * scale
+    radius = float(np.sqrt(mask.sum() * scale * scale / np.pi))  # the radius of a disc of that area
+    scene = sc.Scene([sc.Thing(read.get("shape") or "ball", name if name in sc.COLOURS else None,
+                               None if name in sc.COLOURS else name.split(":", 1)[1], radius, cx, cy)],
+                     read["background"], read.get("style") or "photo",
+                     None if read.get("accessory") in (None, "none") else read["accessory"])
+    return sc.aesthetic(scene)
+
+
 def truth(scene: sc.Scene) -> dict:
     """What the oracle should read from a clean render of `scene` (single-object scenes)."""
     t = scene.things[0]

@@ -224,6 +224,31 @@ def caption(scene: Scene, subject_words: dict | None = None, style_prefix: bool 
     return " ".join(parts)
 
 
+def parse_prompt(prompt: str) -> dict:
+    """What a prompt in the world's words asks for: {attribute: value} for each one it names."""
+    text = " " + prompt.lower().strip() + " "
+    asked = {}
+    for phrase in sorted(POSITIONS.values(), key=len, reverse=True):
+        if f" {phrase} " in text or text.rstrip().endswith(" " + phrase):
+            asked["position"] = phrase
+            break
+    for key, table in (("background", list(BACKGROUNDS)), ("accessory", [p for p, _ in ACCESSORIES.values()])):
+        hit = [p for p in table if f" {p} " in text or text.rstrip().endswith(" " + p)]
+        if hit:
+            asked[key] = hit[0] if key == "background" else next(k for k, (p, _) in ACCESSORIES.items() if p == hit[0])
+    words = text.replace(",", " ").split()
+    colours = [w for w in words if w in COLOURS]
+    classes = [w for w in words if w in CLASSES]
+    if len(classes) == 1:  # one object: its class, and its colour if named
+        asked["shape"] = classes[0]
+        if len(colours) == 1:
+            asked["colour"] = colours[0]
+    for style, prefix in STYLES.items():
+        if prefix in text or (style == "ninja" and "ninja style" in text):
+            asked["style"] = style
+    return asked
+
+
 # --- rendering -------------------------------------------------------------------------------
 
 _N = SIZE * SUPERSAMPLE

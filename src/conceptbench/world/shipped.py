@@ -14,7 +14,7 @@ from pathlib import Path
 
 SHIPPED = Path(__file__).parent / "models"
 MODELS = ("sd", "clip", "dino", "aesthetic", "oracle")
-KINDS = {"sd": "diffusion", "clip": "open_clip", "dino": "dinov2", "aesthetic": "aesthetic"}  # config `kind`
+KINDS = {"sd": "diffusion", "clip": "open_clip", "dino": "dinov2", "aesthetic": "aesthetic", "oracle": "oracle"}
 RECORDS = ("build.log", "quality.md", "quality.json")
 
 
