@@ -43,7 +43,7 @@ class Sizes:
     dino_steps: int = 800
     dino_batch: int = 64
     aesthetic_samples: int = 4000
-    oracle_steps: int = 600
+    oracle_steps: int = 1500
     oracle_batch: int = 64
 
 
