@@ -33,7 +33,7 @@ test: $(VENV)/.installed-8bit
 # Stages whose folder exists in $(WORLD_BUILD) are kept: delete one to rebuild it.
 WORLD_BUILD ?= resources/world-build
 world: $(VENV)/.installed
-	$(BIN)/python -m conceptbench.world.build $(WORLD_BUILD) --ship src/conceptbench/world/models
+	$(BIN)/python -m conceptbench.world.build $(WORLD_BUILD) --parallel --ship src/conceptbench/world/models
 
 # The shipped models against the toy world's quality bars, as one table.
 world-quality: $(VENV)/.installed
