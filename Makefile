@@ -10,7 +10,7 @@ REPORT ?= results/report.html
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test lint dry-run study-dry-run report clean
+.PHONY: demo test lint dry-run study-dry-run report clean world world-quality
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ $(VENV)/.installed-8bit: $(VENV)/.installed
 
 test: $(VENV)/.installed-8bit
 	$(BIN)/python -m pytest --durations=15
+
+# The toy world's models, trained from scratch on the CPU and exported (fp16) to the repository's copy.
+# Stages whose folder exists in $(WORLD_BUILD) are kept: delete one to rebuild it.
+WORLD_BUILD ?= resources/world-build
+world: $(VENV)/.installed
+	$(BIN)/python -m conceptbench.world.build $(WORLD_BUILD) --parallel --ship src/conceptbench/world/models
+
+# The shipped models against the toy world's quality bars, as one table.
+world-quality: $(VENV)/.installed
+	$(BIN)/python -m conceptbench.world.quality
 
 lint: $(VENV)/.installed
 	$(BIN)/snakemake --lint --configfile $(CONFIG)

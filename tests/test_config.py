@@ -49,7 +49,7 @@ def test_tiny_has_the_same_experiments_and_sweeps():
     for name in study["experiments"]:
         assert tiny["experiments"][name]["sweep"] == study["experiments"][name]["sweep"]
         assert tiny["experiments"][name]["method"] == study["experiments"][name]["method"]
-    assert all(m.get("tiny") for m in tiny["models"].values())
+    assert all(m.get("world") for m in tiny["models"].values())  # the toy world's models, shipped
 
 
 def _broken(path, value):

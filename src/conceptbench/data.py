@@ -2,7 +2,7 @@
 
 Sources: a hub snapshot or local folder (loose images with an optional metadata.jsonl, parquet files
 with image and text columns as lambdalabs/naruto-blip-captions ships, or webdataset .tar shards as
-CC12M ships), or images bundled with scikit-image for the embedded default. Nothing here imports torch.
+CC12M ships), or scenes drawn from the toy world (the embedded default). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -36,6 +36,31 @@ def _skimage_items(spec: dict) -> Iterator[Item]:
             box = (off, 0, off + side, side) if img.width >= img.height else (0, off, side, off + side)
             caption = spec["caption"].replace("{name}", name) if spec["caption"] else None
             yield f"skimage:{name}#{k}", img.crop(box), caption
+
+
+def _world_items(spec: dict) -> Iterator[Item]:
+    """Scenes drawn from the toy world (src/conceptbench/world): a subject's photographs, the held-out
+    style with captions, or captioned base scenes (the stand-in for a web caption set)."""
+    import numpy as np
+
+    from .world import scene as sc
+
+    w = spec["world"]
+    rng = np.random.default_rng(w["seed"])
+    if w["set"] == "subject":
+        if w.get("subject") not in sc.SUBJECTS:
+            raise DataError(f"world: subject must be one of {sorted(sc.SUBJECTS)}, got {w.get('subject')!r}")
+        scenes = sc.subject_views(w["subject"], w["count"], w["seed"])
+        captions = [None] * len(scenes)
+    elif w["set"] == "style":
+        scenes = [sc.sample_scene(rng, style="ninja", pair_p=0.0) for _ in range(w["count"])]
+        # Half the captions name the style, half only the content, as a captioned style set does.
+        captions = [sc.caption(s, style_prefix=bool(i % 2)) for i, s in enumerate(scenes)]
+    else:
+        scenes = [sc.sample_scene(rng) for _ in range(w["count"])]
+        captions = [sc.caption(s) for s in scenes]
+    for i, (scene, text) in enumerate(zip(scenes, captions)):
+        yield f"world:{w['set']}:{w.get('subject', '')}#{i}", Image.fromarray(sc.render(scene)), text
 
 
 def _captions(folder: Path) -> dict[str, str] | None:
@@ -107,6 +132,9 @@ def source_items(spec: dict, raw: Path | None) -> Iterator[Item]:
     """Yield (name, RGB image, caption) from whichever source the dataset spec names."""
     if spec.get("skimage"):
         yield from _skimage_items(spec)
+        return
+    if spec.get("world"):
+        yield from _world_items(spec)
         return
     folder = Path(raw)
     if not folder.is_dir():

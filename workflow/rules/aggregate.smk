@@ -180,3 +180,32 @@ rule plot_gallery:
         "../../envs/report.yaml"
     script:
         "../scripts/plot_gallery.py"
+
+
+rule world_overview:
+    input:
+        unpack(world_overview_inputs),
+    output:
+        figure=report(
+            f"{RESULTS}/world/overview.png",
+            caption="../report/world.rst",
+            category="Toy world",
+            labels={"item": "base model, subjects, style"},
+        ),
+        quality=report(
+            f"{RESULTS}/world/quality.html",
+            caption="../report/world.rst",
+            category="Toy world",
+            labels={"item": "quality of the models"},
+        ),
+    log:
+        f"{RESULTS}/logs/world_overview/world_overview.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/world_overview/world_overview.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/world_overview.py"

@@ -44,11 +44,12 @@ wildcard_constraints:
 
 
 def model_dir(name):
-    """Where model `name` lives: built tiny, fetched from the hub, or a user's local folder."""
+    """Where model `name` lives: the toy world's, built tiny, fetched from the hub, or a user's local folder."""
     spec = MODELS[name]
     if spec.get("path"):
         return spec["path"]
-    return f"{RESOURCES}/models/{'tiny' if spec.get('tiny') else 'hub'}/{name}"
+    source = "world" if spec.get("world") else "tiny" if spec.get("tiny") else "hub"
+    return f"{RESOURCES}/models/{source}/{name}"
 
 
 def model_spec(wildcards):
@@ -165,12 +166,21 @@ def evaluate_inputs(wildcards):
         inputs["references"] = f"{RESULTS}/references/{exp['data']}.safetensors"
     if has_prior_probe(wildcards.experiment):
         inputs["class_references"] = f"{RESULTS}/references/class_images/{wildcards.experiment}.safetensors"
+    if config["metrics"].get("oracle"):
+        inputs["oracle"] = model_dir(config["metrics"]["oracle"])
     return inputs
 
 
 def class_reference_inputs(wildcards):
     """What embed_class_images embeds: the experiment's (own concept's) class images, with both encoders."""
     return {**reference_models(wildcards), "images": class_images_dir(wildcards.experiment, 0)}
+
+
+def world_subject(wildcards):
+    """The toy-world subject an experiment teaches (its data's `world.subject`), for the oracle; else None."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    data = DATASETS.get(exp.get("data") or "", {})
+    return (data.get("world") or {}).get("subject") if exp["task"] == "subject" else None
 
 
 def reference_models(wildcards):
@@ -269,7 +279,7 @@ TRAIN_SETUP_MINUTES = 15  # loading the models, saving the artifact, the last ch
 def _tiny_job(wildcards):
     """Whether a job runs on tiny components: its experiment's base model, else the scoring CLIP."""
     name = EXPERIMENTS[wildcards.experiment]["base_model"] if hasattr(wildcards, "experiment") else config["metrics"]["clip"]
-    return bool(MODELS[name].get("tiny"))
+    return bool(MODELS[name].get("tiny") or MODELS[name].get("world"))
 
 
 def host_threads(full):
@@ -327,8 +337,23 @@ def experiment_samples(wildcards):
     return [f"{RESULTS}/samples/{wildcards.experiment}/{v}" for v in names]
 
 
+def world_overview_inputs(wildcards):
+    """The toy world's base model and its subject and style datasets, as the experiments use them."""
+    exps = list(EXPERIMENTS.values())
+    inputs = {"sd": model_dir(exps[0]["base_model"])}
+    for exp in exps:
+        if exp["task"] in ("subject", "style"):
+            inputs.setdefault(exp["data"], f"{RESULTS}/data/{exp['data']}")
+    return inputs
+
+
+def in_toy_world():
+    return any(m.get("world") for m in MODELS.values())
+
+
 def final_targets(wildcards=None):
     return [
+        *([f"{RESULTS}/world/overview.png", f"{RESULTS}/world/quality.html"] if in_toy_world() else []),
         f"{RESULTS}/tables/summary.csv",
         f"{RESULTS}/tables/summary.md",
         f"{RESULTS}/tables/summary.html",

@@ -51,6 +51,8 @@ rule evaluate:
         unpack(evaluate_inputs),
     output:
         f"{RESULTS}/metrics/{{experiment}}/{{variant}}.csv",
+    params:
+        subject=world_subject,
     log:
         f"{RESULTS}/logs/evaluate/{{experiment}}/{{variant}}.log",
     benchmark:

@@ -1,4 +1,5 @@
-# Models: built tiny from configs (the embedded default) or fetched from the hub at a pinned revision.
+# Models: the toy world's (the embedded default), built tiny from configs (random weights, for tests)
+# or fetched from the hub at a pinned revision.
 # A model given as `path:` is a plain input folder and needs no rule.
 
 
@@ -18,6 +19,24 @@ rule build_tiny_model:
         "../../envs/torch.yaml"
     script:
         "../scripts/build_tiny_model.py"
+
+
+rule install_world_model:
+    output:
+        directory(f"{RESOURCES}/models/world/{{model}}"),
+    params:
+        spec=model_spec,
+    log:
+        f"{RESULTS}/logs/install_world_model/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/install_world_model/{{model}}.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/install_world_model.py"
 
 
 rule fetch_model:

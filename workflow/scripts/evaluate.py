@@ -14,4 +14,6 @@ with job(snakemake.log[0]):
         snakemake.input.get("aesthetic"),
         snakemake.output[0],
         class_refs_path=snakemake.input.get("class_references"),
+        oracle_path=snakemake.input.get("oracle"),
+        subject=snakemake.params.subject,
     )

@@ -132,6 +132,8 @@ def evaluate_samples(
     out_csv,
     device=None,
     class_refs_path=None,
+    oracle_path=None,
+    subject: str | None = None,
 ) -> pd.DataFrame:
     """Score each sample listed in samples_dir/samples.jsonl and write one CSV row per image.
 
@@ -139,7 +141,8 @@ def evaluate_samples(
     need refs_path (dino_i also dino_path) and are left empty otherwise; aesthetic needs
     aesthetic_path. class_clip_i and class_dino_i score the prior probe's samples (prompt_set
     "prior") against the class images embedded in class_refs_path. Degenerate images (black, NaN,
-    flat) are scored too, but flagged.
+    flat) are scored too, but flagged. In the toy world, oracle_path adds the oracle's columns
+    (`world.oracle.score_images`; `subject` is the one to find).
     """
     from .encoders import AestheticScorer, ClipEncoder, DinoEncoder
 
@@ -159,6 +162,11 @@ def evaluate_samples(
     n = len(rows)
     scores_out = {k: np.full(n, np.nan) for k in METRIC_COLUMNS}
     degenerate = np.zeros(n, dtype=bool)
+    oracle = None
+    if oracle_path is not None:
+        from ..world.oracle import Oracle, score_images
+
+        oracle, extra = Oracle.load(oracle_path), {}
     for start in range(0, n, CHUNK):
         chunk = rows[start : start + CHUNK]
         at = slice(start, start + len(chunk))
@@ -178,6 +186,10 @@ def evaluate_samples(
             scores_out["class_clip_i"][at] = np.where(prior[at], scores.clip_i(image_embeds, class_clip), np.nan)
         if class_dino is not None:
             scores_out["class_dino_i"][at] = np.where(prior[at], scores.dino_i(dino_embeds, class_dino), np.nan)
+        if oracle is not None:
+            cols = score_images(oracle, [np.asarray(im) for im in images], [r["prompt"] for r in chunk], subject)
+            for k, v in cols.items():
+                extra.setdefault(k, np.full(n, np.nan))[at] = v
 
     df = pd.DataFrame({k: [r[k] for r in rows] for k in SAMPLE_KEYS})
     df[PROMPT_SET] = [r.get(PROMPT_SET, "eval") for r in rows]
@@ -185,6 +197,9 @@ def evaluate_samples(
         df[k] = v
     df["degenerate"] = degenerate
     df = df[COLUMNS]
+    if oracle is not None:
+        for k, v in extra.items():
+            df[k] = v
     if degenerate.any():
         log.warning("%s: %d of %d samples are degenerate", samples_dir, degenerate.sum(), n)
     _write_csv(df, out_csv)

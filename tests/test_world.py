@@ -1,0 +1,171 @@
+"""The toy world: its scenes, its oracle, its builder end to end, and the shipped models' quality."""
+
+import numpy as np
+import pytest
+import torch
+
+from conceptbench.world import data as wd
+from conceptbench.world import oracle as orc
+from conceptbench.world import scene as sc
+from conceptbench.world import shipped
+
+
+def scenes(n, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    return [sc.sample_scene(rng, **kw) for _ in range(n)]
+
+
+def test_render_is_deterministic_and_small():
+    s = scenes(1, seed=3)[0]
+    a, b = sc.render(s), sc.render(sc.Scene.from_json(s.to_json()))
+    assert a.shape == (sc.SIZE, sc.SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+
+
+def test_captions_name_what_is_drawn():
+    rng = np.random.default_rng(0)
+    s = sc.sample_scene(rng, pair_p=0.0, omit_p=0.0, accessory_p=1.0, style="cartoon")
+    t = s.things[0]
+    text = sc.caption(s)
+    assert text.startswith("a cartoon of")
+    for words in (t.colour, t.cls, sc.POSITIONS[t.cell], s.background):
+        assert words in text
+    if s.accessory:
+        assert sc.ACCESSORIES[s.accessory][0] in text
+
+
+def test_held_out_combinations_never_reach_training_draws():
+    train = [s for s in scenes(600, pair_p=0.0) if s.things[0].subject is None]
+    held = scenes(200, seed=1, pair_p=0.0, held_out=True)
+    assert not any(sc.is_held_out(s.things[0], s.background) for s in train)
+    assert all(sc.is_held_out(s.things[0], s.background) for s in held)
+
+
+def test_subjects_wear_what_no_base_object_has():
+    base = {s.things[0].paint()[0] for s in scenes(300, pair_p=0.0)}
+    for subject in sc.SUBJECTS:
+        assert sc.SUBJECTS[subject]["body"] not in base
+        views = sc.subject_views(subject, 4, seed=1)
+        assert len({(v.things[0].cell, v.background) for v in views}) > 1  # several views, not one picture
+
+
+def test_analytic_oracle_is_exact_on_clean_renders():
+    rng = np.random.default_rng(7)
+    drawn = [orc.training_scene(rng) for _ in range(300)]
+    reads = [orc.read_object(sc.render(s)) for s in drawn]
+    acc = orc.accuracy(reads, [orc.truth(s) for s in drawn], ["background", "colour", "position"])
+    assert acc == {"background": 1.0, "colour": 1.0, "position": 1.0}
+
+
+def test_analytic_oracle_says_so_when_there_is_no_object():
+    empty = np.empty((sc.SIZE, sc.SIZE, 3), np.uint8)
+    empty[:] = sc.BACKGROUNDS["at night"]
+    read = orc.read_object(empty)
+    assert read["background"] == "at night" and read["colour"] is None and read["position"] is None
+
+
+def test_ground_truth_aesthetic_prefers_big_centred_contrasting_objects():
+    good = sc.Scene([sc.Thing("ball", "yellow", radius=7.5, cx=16, cy=16, cell=(1, 1))], "at night")
+    bad = sc.Scene([sc.Thing("ball", "blue", radius=4.7, cx=7, cy=7, cell=(0, 0))], "at night", accessory="bucket")
+    assert sc.aesthetic(good) > sc.aesthetic(bad) + 3
+
+
+def test_world_datasets_prepare_like_any_other(tmp_path):
+    from conceptbench.data import prepare_dataset, read_prepared
+
+    spec = {"kind": "captions", "world": {"set": "style", "count": 6, "seed": 3}, "resolution": 32, "min_side": 32,
+            "max_images": 100}
+    rows = prepare_dataset("naruto", spec, None, tmp_path / "style")
+    assert len(rows) == 6 and all(r["text"] for r in rows)
+    assert sum("ninja style" in r["text"] for r in rows) == 3  # half name the style
+    subj = {"kind": "subject", "world": {"set": "subject", "subject": "dog", "count": 3, "seed": 1}, "resolution": 32,
+            "min_side": 32, "max_images": 100}
+    prepare_dataset("dog", subj, None, tmp_path / "dog")
+    pairs = read_prepared(tmp_path / "dog")
+    read = orc.read_object(np.asarray(__import__("PIL.Image").Image.open(pairs[0][0])))
+    assert read["colour"] == "subject:dog"
+
+
+def test_clip_text_tower_becomes_sd_text_encoder_with_the_same_numbers():
+    import open_clip
+
+    from conceptbench.world.build import CLIP, clip_text_to_transformers
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**CLIP).eval()
+    with torch.no_grad():  # make the layer norms and biases non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    te = clip_text_to_transformers(model)
+    ids = open_clip.tokenize(["a photo of a red dog at the top left on the beach"])
+    with torch.no_grad():
+        x = model.token_embedding(ids) + model.positional_embedding
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+        ours = te(ids).last_hidden_state
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reduced_world(tmp_path_factory):
+    """The whole builder at its reduced size, end to end (models that load and run, not good ones)."""
+    from conceptbench.world import build
+
+    out = tmp_path_factory.mktemp("world")
+    sizes = build.Sizes(vae_steps=3, vae_batch=4, clip_steps=3, clip_batch=8, unet_steps=3, unet_batch=4, unet_pool=32,
+                        dino_steps=2, dino_batch=4, aesthetic_samples=32, oracle_steps=2, oracle_batch=8)
+    build.SIZES["test"] = sizes
+    try:
+        build.main([str(out / "built"), "--size", "test", "--threads", "1"])
+    finally:
+        del build.SIZES["test"]
+    return out
+
+
+def test_reduced_build_writes_every_model_in_its_loader_layout(reduced_world):
+    from diffusers import StableDiffusionPipeline
+
+    from conceptbench.metrics.encoders import AestheticScorer, ClipEncoder, DinoEncoder
+
+    built = reduced_world / "built"
+    pipe = StableDiffusionPipeline.from_pretrained(str(built / "sd"), safety_checker=None)
+    img = pipe("a photo of a red dog", num_inference_steps=2, output_type="np").images[0]
+    assert img.shape == (sc.SIZE, sc.SIZE, 3)
+    clip = ClipEncoder.load(built / "clip", device="cpu")
+    assert clip.encode_texts(["a red dog"]).shape == (1, clip.dim)
+    assert DinoEncoder.load(built / "dino", device="cpu").encode_images(
+        [__import__("PIL.Image").Image.fromarray(sc.render(scenes(1)[0]))]).shape[0] == 1
+    assert AestheticScorer.load(built / "aesthetic", device="cpu").in_dim == clip.dim
+    assert set(orc.Oracle.load(built / "oracle").read([sc.render(scenes(1)[0])])[0]) >= set(orc.HEADS)
+
+
+def test_export_then_install_round_trips_in_fp32(reduced_world):
+    from safetensors.torch import load_file
+
+    built = reduced_world / "built"
+    dest = shipped.export(built, reduced_world / "shipped")
+    half = load_file(str(dest / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    assert not (dest / "sd" / "tokenizer").exists()  # rebuilt from open_clip's BPE file on install
+    inst = shipped.install("sd", reduced_world / "installed", shipped=dest, kind="diffusion")
+    full = load_file(str(inst / "unet" / "diffusion_pytorch_model.safetensors"))
+    orig = load_file(str(built / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
+    for k, v in orig.items():
+        assert full[k].dtype == torch.float32
+        torch.testing.assert_close(full[k], v.half().float())
+    assert (inst / "tokenizer" / "vocab.json").exists()
+    with pytest.raises(ValueError, match="is a diffusion model, not kind 'open_clip'"):
+        shipped.install("sd", reduced_world / "x", shipped=dest, kind="open_clip")
+
+
+@pytest.mark.skipif(not (shipped.SHIPPED / "sd").is_dir(), reason="the toy world is not built (make world)")
+def test_shipped_world_meets_its_quality_bars(tmp_path):
+    from conceptbench.world import quality
+
+    root = tmp_path / "world"
+    for name in shipped.MODELS:
+        shipped.install(name, root / name)
+    res = quality.measure(root, n=100)
+    short = {k: (res[k], bar) for k, bar in quality.BARS.items() if res[k] < bar}
+    assert not short, f"below the bars: {short}\n{quality.table(res)}"
+    # The oracle itself must read clean renders near perfectly before it can judge anything else.
+    assert min(v for k, v in res.items() if k.startswith("oracle clean")) >= 0.95
