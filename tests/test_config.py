@@ -159,7 +159,7 @@ def test_arguments_get_the_declared_defaults_once():
     declared = registry.declaration("lcm")["args"]
     spec = cb.resolve_variant(cfg, "lcm", "loss-huber")
     assert spec["args"]["timestep_scaling"] == declared["timestep_scaling"]["default"] == 10.0
-    assert spec["args"]["loss_type"] == "huber" and spec["args"]["w_max"] == 15.0  # the sweep value; the config's
+    assert spec["args"]["loss_type"] == "huber" and spec["args"]["w_max"] == TINY["experiments"]["lcm"]["args"]["w_max"]  # the sweep value; the config's
     assert set(spec["args"]) == set(declared)
     # Custom Diffusion's λ is DreamBooth's argument, declared once.
     assert registry.declaration("custom_diffusion")["args"]["prior_loss_weight"] == \
