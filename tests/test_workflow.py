@@ -301,10 +301,19 @@ LEARNS = {
     "textual_inversion": ["clip_i", "dino_i", "oracle_subject"],
     "custom_diffusion": ["clip_i", "dino_i", "oracle_subject"],
     "lora": ["oracle_ninja"],
-    "lcm": ["oracle_background", "oracle_colour"],  # the student at 4 steps over the teacher at 4 DDIM steps
+    "lcm": ["oracle_colour"],  # the student at 4 steps over the teacher at 4 DDIM steps
     "ddpo": ["aesthetic", "true_aesthetic"],
 }
-NOT_YET = {}  # experiment: why it does not learn yet (an explicit, strict xfail)
+# What does not learn yet, measured on the embedded default (2026-12-02), each an explicit strict xfail:
+# it fails the day it starts to learn, and then belongs in LEARNS proper.
+NOT_YET = {
+    ("textual_inversion", "oracle_subject"): "one vector set draws the cat toy in 1 of 12 images (+0.08 [-0.17, +0.42]): "
+                                             "the base model cannot draw its lime and magenta",
+    **{("custom_diffusion", m): "Custom Diffusion loses the prompts in the toy world (CLIP-T 0.05 against the base's "
+                                "0.68) and draws no subject" for m in ("clip_i", "dino_i", "oracle_subject")},
+    ("ddpo", "true_aesthetic"): "the learned reward rises (+0.15 [+0.04, +0.30]) but the true aesthetic's interval "
+                                "covers zero (+0.16 [-0.05, +0.37])",
+}
 
 
 def learned(summary: pd.DataFrame, experiment: str, metric: str) -> tuple[bool, dict]:
@@ -315,14 +324,23 @@ def learned(summary: pd.DataFrame, experiment: str, metric: str) -> tuple[bool, 
     return bool(best[f"{metric}_delta_lo"] > 0), {"variant": best["variant"], **numbers}
 
 
-@pytest.mark.parametrize("experiment", [
-    pytest.param(e, marks=pytest.mark.xfail(strict=True, reason=NOT_YET[e])) if e in NOT_YET else e for e in LEARNS])
-def test_every_method_learns_in_the_toy_world(tiny_run, experiment):
+@pytest.mark.parametrize("experiment,metric", [
+    pytest.param(e, m, marks=pytest.mark.xfail(strict=True, reason=NOT_YET[e, m])) if (e, m) in NOT_YET else (e, m)
+    for e, ms in LEARNS.items() for m in ms])
+def test_every_method_learns_in_the_toy_world(tiny_run, experiment, metric):
     work, _ = tiny_run
-    summary = pd.read_csv(work / "results/tables/summary.csv")
-    for metric in LEARNS[experiment]:
-        ok, numbers = learned(summary, experiment, metric)
-        assert ok, f"{experiment} does not move {metric} above its base: {numbers}"
+    ok, numbers = learned(pd.read_csv(work / "results/tables/summary.csv"), experiment, metric)
+    assert ok, f"{experiment} does not move {metric} above its base: {numbers}"
+
+
+def test_prior_preservation_keeps_the_class_prompt_off_the_subject(tiny_run):
+    """The point of DreamBooth's λ, in ground truth: the class prompt ("a photo of a dog") draws the
+    subject more often at the smallest λ than at the largest."""
+    work, _ = tiny_run
+    summary = pd.read_csv(work / "results/tables/summary.csv").set_index(["experiment", "variant"])
+    lams = sorted(TINY_VARIANTS["dreambooth"], key=TINY_VARIANTS["dreambooth"].get)
+    drift = [summary.loc[("dreambooth", v), "prior_oracle_subject"] for v in (lams[0], lams[-1])]
+    assert drift[0] > drift[1], drift
 
 
 def test_the_learning_test_fails_when_training_is_a_no_op(tmp_path):
