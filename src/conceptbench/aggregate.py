@@ -185,8 +185,9 @@ def aggregate(
         row.update(summarize(scores[key], names))
         if (key[0], BASE) in scores and key[1] != BASE:
             row.update(paired_deltas(scores[key], scores[key[0], BASE], names))
-    ordered = [rows[k] for k in sorted(rows, key=lambda k: (list(experiments).index(k[0]), k not in bkeys))]
-    table = pd.DataFrame(ordered + reference_rows(subjects or {}, list(reference_files)), columns=columns(names))
+    order = [(e, n) for e, info in experiments.items() for n in [*info.get("baselines", []), *info["variants"]]]
+    table = pd.DataFrame([rows[k] for k in order] + reference_rows(subjects or {}, list(reference_files)),
+                         columns=columns(names))
     deltas = delta_table(experiments, scores, names)
     study = study_numbers.load(study_path) if study_path else None
     comparison = compare_with_study(table, experiments, study) if study else None
