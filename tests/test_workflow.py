@@ -137,7 +137,7 @@ def test_tiny_run_scores_every_lambda(tiny_run):
     work, _ = tiny_run
     table = pd.read_csv(work / "results/tables/summary.csv")
     real = table[table["method"] == "real_images"]
-    summary = table[(table["experiment"] == "dreambooth") & (table["method"] != "real_images")]
+    summary = table[(table["experiment"] == "dreambooth") & (table["role"] == "trained")]
     assert sorted(summary["variant"]) == ["lambda-0.25", "lambda-0.5", "lambda-0.75", "lambda-1.0"]
     for col in ("clip_t", "clip_i", "dino_i", "latency_ms", "trainable_params", "artifact_bytes"):
         assert summary[col].notna().all() and (summary[col].abs() < float("inf")).all(), col
@@ -158,7 +158,7 @@ def test_tiny_run_scores_textual_inversion_and_custom_diffusion(tiny_run):
     """Every TI vector count and Custom Diffusion variant (multi-concept too) is trained, sampled and scored."""
     work, _ = tiny_run
     table = pd.read_csv(work / "results/tables/summary.csv")
-    table = table[table["method"] != "real_images"]
+    table = table[table["role"] == "trained"]
     for experiment in ("textual_inversion", "custom_diffusion", "custom_diffusion_multi"):
         rows = table[table["experiment"] == experiment]
         assert sorted(rows["variant"]) == sorted(TINY_VARIANTS[experiment]), experiment
@@ -192,7 +192,7 @@ def test_tiny_run_has_a_base_and_paired_deltas_in_every_experiment(tiny_run):
     work, _ = tiny_run
     table = pd.read_csv(work / "results/tables/summary.csv")
     for experiment, baselines in TINY_BASELINES.items():
-        rows = table[table["experiment"] == experiment].set_index("variant")
+        rows = table[(table["experiment"] == experiment) & (table["role"] != "real")].set_index("variant")
         assert list(rows.index) == [*baselines, *TINY_VARIANTS[experiment]], experiment
         assert (rows.loc[list(baselines), "role"] == "baseline").all()
         trained = rows[rows["role"] == "trained"]
@@ -203,7 +203,7 @@ def test_tiny_run_has_a_base_and_paired_deltas_in_every_experiment(tiny_run):
     for column in ("prior_clip_i", "prior_dino_i", "prior_class_clip_i", "prior_clip_i_delta"):
         assert dreambooth[column].notna().all(), column
     ti = read_jsonl(work / "results/samples/textual_inversion/base/samples.jsonl")
-    assert ti[0]["prompt"] == "toy in a basket" and ti[0]["eval_prompt"] == "a cat toy in a basket"
+    assert ti[0]["prompt"] == "toy in a basket" and ti[0]["eval_prompt"] == "a toy in a basket"
     assert read_json(work / "results/samples/lcm/base-full/latency.json")["steps"] == 50
     deltas = pd.read_csv(work / "results/tables/deltas.csv")
     assert {"base", "base-full"} == set(deltas[deltas["experiment"] == "lcm"]["reference"])
