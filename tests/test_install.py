@@ -77,6 +77,7 @@ def test_pip_install_runs_the_embedded_default_from_outside_the_checkout(tmp_pat
 
     where = run(python, "-c", "import conceptbench; print(conceptbench.__file__)", cwd=outside)
     assert Path(where.strip()).is_relative_to(site)
+    assert (site / "conceptbench/world/models/sd/unet/diffusion_pytorch_model.safetensors").is_file()  # the toy world
 
     workflow = tmp_path / "workflow-only"
     for name in ("workflow", "envs"):
@@ -116,9 +117,10 @@ use rule * from conceptbench
     run(sys.executable, "-m", "snakemake", "--cores", "2", cwd=project)
 
     summary = pd.read_csv(project / "results/tables/summary.csv")
-    assert list(zip(summary["experiment"], summary["variant"])) == [("lora", "rank-4")]
+    assert list(zip(summary["experiment"], summary["variant"], summary["role"])) == [
+        ("lora", "base", "baseline"), ("lora", "rank-4", "trained")]
     assert summary["clip_t"].notna().all()
     assert (project / "results/tables/summary.md").read_text().count("rank-4") >= 1
-    assert (project / "resources/models/tiny/sd15").is_dir()
+    assert (project / "resources/models/world/sd15").is_dir()  # the toy world's, installed from the package
     run(sys.executable, "-m", "snakemake", "--report", "report.html", cwd=project)  # with the module's captions
     assert "rank-4" in (project / "report.html").read_text()
