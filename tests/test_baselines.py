@@ -40,7 +40,9 @@ def test_a_baseline_spec_is_the_experiment_untouched_with_its_sampling_overrides
     cfg = cb.validate(copy.deepcopy(STUDY))
     base = cb.resolve_variant(cfg, "dreambooth", "base")
     trained = cb.resolve_variant(cfg, "dreambooth", "lambda-0.25")
-    assert "prior_loss_weight" not in base["args"] and trained["args"]["prior_loss_weight"] == 0.25
+    # The base keeps the experiment's own args (its method's declared default for the swept one): no sweep value.
+    assert base["args"]["prior_loss_weight"] == cfg["experiments"]["dreambooth"]["args"]["prior_loss_weight"] == 1.0
+    assert trained["args"]["prior_loss_weight"] == 0.25
     assert base["sampling"] == trained["sampling"] == cfg["experiments"]["dreambooth"]["sampling"]
     full = cb.resolve_variant(cfg, "lcm", "base-full")
     assert full["sampling"] == {**cfg["experiments"]["lcm"]["sampling"], "steps": 50, "scheduler": "ddim"}

@@ -127,7 +127,7 @@ def load_for_sampling(spec: dict, base_model: Path, artifact_dir: Path | None, c
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler != "pipeline":
-        raise ValueError(f"baselines: scheduler {scheduler!r} is neither 'pipeline' nor 'ddim'")
+        raise ValueError(f"sampling.scheduler: {scheduler!r} is neither 'pipeline' nor 'ddim'")
     return pipe, prompts
 
 
