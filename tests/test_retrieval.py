@@ -96,5 +96,5 @@ def test_multi_concept_clip_t_prompt_replaces_every_placeholder():
 
     exp = cb.validate(_tiny())["experiments"]["custom_diffusion_multi"]
     rows = cb.eval_prompts(exp)
-    assert rows[0] == {"prompt": "<new1> dog playing with <new2> toy", "eval_prompt": "a dog playing with a toy"}
+    assert rows[0] == {"prompt": "<new1> dog next to <new2> toy", "eval_prompt": "a dog next to a toy"}
     assert not any("<" in r["eval_prompt"] for r in rows)

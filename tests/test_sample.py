@@ -34,7 +34,7 @@ def test_same_seeds_give_identical_pngs(pipe, tmp_path):
 
     assert [r["file"] for r in rows] == ["00_0.png", "00_1.png", "00_2.png", "01_0.png", "01_1.png", "01_2.png"]
     assert rows[3] == dict(file="01_0.png", prompt=PROMPTS[1]["prompt"], eval_prompt=PROMPTS[1]["eval_prompt"],
-                           prompt_index=1, seed=0)
+                           prompt_index=1, seed=0, prompt_set="eval")
     for r in rows:
         assert (tmp_path / "a" / r["file"]).read_bytes() == (tmp_path / "b" / r["file"]).read_bytes()
         # one generator per seed: an image does not depend on the batch it was drawn in
