@@ -202,6 +202,9 @@ def test_tiny_run_has_a_base_and_paired_deltas_in_every_experiment(tiny_run):
     dreambooth = table[(table["experiment"] == "dreambooth") & (table["role"] == "trained")]
     for column in ("prior_clip_i", "prior_dino_i", "prior_class_clip_i", "prior_clip_i_delta"):
         assert dreambooth[column].notna().all(), column
+    ddpo = table[(table["experiment"] == "ddpo") & (table["role"] == "trained")]  # reward hacking, measured
+    gap = ddpo["aesthetic_delta"] - ddpo["true_aesthetic_delta"]
+    assert ddpo["aesthetic_excess_delta"].to_numpy() == pytest.approx(gap.to_numpy(), abs=1e-9)
     ti = read_jsonl(work / "results/samples/textual_inversion/base/samples.jsonl")
     assert ti[0]["prompt"] == "toy in a basket" and ti[0]["eval_prompt"] == "a toy in a basket"
     assert read_json(work / "results/samples/lcm/base-full/latency.json")["steps"] == 50

@@ -200,6 +200,10 @@ def evaluate_samples(
     if oracle is not None:
         for k, v in extra.items():
             df[k] = v
+    if "true_aesthetic" in df and df["aesthetic"].notna().any():
+        # The learned aesthetic's excess over the ground truth. Its paired delta to the base is what a
+        # reward-trained variant gained on the reward but not in truth: reward hacking, measured.
+        df["aesthetic_excess"] = df["aesthetic"] - df["true_aesthetic"]
     if degenerate.any():
         log.warning("%s: %d of %d samples are degenerate", samples_dir, degenerate.sum(), n)
     _write_csv(df, out_csv)
