@@ -21,6 +21,7 @@ from conceptbench.train.method import Method, encode_latent_distribution, tokeni
 
 
 def context(spec, base, data=None, class_dir=None, inputs=None):
+    spec = {**spec, "train": {"steps": 1, "learning_rate": 1e-3, **spec.get("train", {})}}
     return TrainContext(spec=spec, base_model=base, data_dir=data, class_dir=class_dir, device=torch.device("cpu"),
                         mixed_precision="no", inputs=inputs or {})
 
