@@ -98,7 +98,7 @@ def test_tiny_default_runs_end_to_end_through_slurm(cluster, slurm_run):
     rule_jobs = int(re.search(r"^total\s+(\d+)$", proc.stdout + proc.stderr, re.M).group(1)) - 1  # not `all`
     assert len(jobs) < rule_jobs / 2, f"{len(jobs)} SLURM jobs for {rule_jobs} rule jobs: grouping is off"
     variant = [j for j in jobs if j["comment"].startswith("rule_variant_")]
-    assert len(variant) == 2 and all("gres/gpu=1" in j["tres"] for j in variant), jobs
+    assert len(variant) == 3 and all("gres/gpu=1" in j["tres"] for j in variant), jobs  # two λ and the base
     summary_jobs = [j for j in jobs if j["comment"].startswith("rule_summary_")]
     assert len(summary_jobs) == 1 and "gres/gpu" not in summary_jobs[0]["tres"], jobs
 
