@@ -122,10 +122,10 @@ def test_dry_run_of_a_config_with_the_seventh_method(tmp_path):
     config.write_text(yaml.safe_dump(copy.deepcopy(bitfit_config())))
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "-n",
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "-d", str(tmp_path), "-n",
                            "--configfile", str(config)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for variant in ("norms-false", "norms-true"):
         assert f"results/train/bitfit/{variant}/artifact" in proc.stdout
     train_jobs = [job for job in proc.stdout.split("rule ") if job.startswith("train:") and "experiment=bitfit" in job]
-    assert len(train_jobs) == 2 and all("input: resources/models/tiny/sd15, results/data/dog" in b for b in train_jobs)
+    assert len(train_jobs) == 2 and all("input: resources/models/world/sd15, results/data/dog" in b for b in train_jobs)
