@@ -56,11 +56,11 @@ def job_count(dry_run_output: str, rule: str) -> int:
     return int(re.search(rf"^{rule}\s+(\d+)$", dry_run_output, re.M).group(1))
 
 
-@pytest.mark.slow  # about 20 s: a venv, a wheel build, a dry-run
+@pytest.mark.slow  # 14 to 27 s on the 2-core VM: a venv, a wheel build, a dry-run
 def test_pip_install_runs_the_embedded_default_from_outside_the_checkout(tmp_path):
-    """`pip install <project>` (not editable) into a fresh venv; the workflow, copied without the
-    checkout's src/ as a remote module has it, finds the library, its schema and the study's
-    numbers in the installed package."""
+    """`pip install <project>` (not editable) into a fresh venv: the package carries its data files,
+    and the workflow, copied without the checkout's src/ as a remote module has it, finds the
+    library, its schema and the study's numbers in the installed package."""
     venv, outside = tmp_path / "venv", tmp_path / "elsewhere"
     outside.mkdir()
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
@@ -77,7 +77,11 @@ def test_pip_install_runs_the_embedded_default_from_outside_the_checkout(tmp_pat
 
     where = run(python, "-c", "import conceptbench; print(conceptbench.__file__)", cwd=outside)
     assert Path(where.strip()).is_relative_to(site)
-    assert (site / "conceptbench/world/models/sd/unet/diffusion_pytorch_model.safetensors").is_file()  # the toy world
+    # Every file of the package that is not code (the schema, the study's numbers, the toy world's models).
+    package = project / "src/conceptbench"
+    data = {p.relative_to(package) for p in package.rglob("*") if p.is_file() and p.suffix != ".py"}
+    installed = {p.relative_to(site / "conceptbench") for p in (site / "conceptbench").rglob("*") if p.is_file()}
+    assert data and data <= installed, f"not installed: {sorted(map(str, data - installed))}"
 
     workflow = tmp_path / "workflow-only"
     for name in ("workflow", "envs"):
@@ -89,17 +93,20 @@ def test_pip_install_runs_the_embedded_default_from_outside_the_checkout(tmp_pat
     assert job_count(out, "train") == variants and job_count(out, "aggregate") == 1
 
 
-@pytest.mark.slow  # about 1 min: one LoRA variant trained, sampled, scored, summarized and reported
+@pytest.mark.slow  # about 130 s of CPU: a LoRA variant and the base sampled, scored, summarized, reported
 def test_a_users_workflow_runs_this_one_as_a_module(tmp_path):
-    """A user's project: its own config (the embedded default cut to one variant) and a Snakefile
-    that uses this workflow as a module. Everything lands in the user's folder."""
+    """A user's project: its own config (the embedded default cut to one LoRA variant of 4 steps)
+    and a Snakefile that uses this workflow as a module. Everything lands in the user's folder."""
     project = tmp_path / "project"
     (project / "config").mkdir(parents=True)
     (project / "workflow").mkdir()
     config = copy.deepcopy(yaml.safe_load((ROOT / "config/tiny.yaml").read_text()))
     for name, exp in config["experiments"].items():
         exp["enabled"] = name == "lora"
-    config["experiments"]["lora"]["sweep"]["values"] = [4]
+    lora = config["experiments"]["lora"]
+    lora["sweep"]["values"] = [4]
+    lora["train"].update(steps=4, batch_size=2, checkpoint_every=2, log_every=1)
+    config["evaluation"].update(seeds=1, latency_repeats=1)
     (project / "config/config.yaml").write_text(yaml.safe_dump(config))
     (project / "workflow/Snakefile").write_text(f"""\
 configfile: "config/config.yaml"
