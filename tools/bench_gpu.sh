@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed issue's GPU run, as one prepared command for a lent H100/H200 (docs/performance.md, "GPU").
+# The speed benchmark's GPU run, as one prepared command for a machine with an H100 or H200 (docs/performance.md, "GPU").
 #
 # That machine has python3 3.12 with torch, transformers, peft, accelerate, timm and safetensors, but no
 # hub access and not the packages below. Here, once, fetch them as wheels into the ignored folder .whl/:
