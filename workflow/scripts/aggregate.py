@@ -2,6 +2,10 @@
 training summary and latency, the real-image upper bounds and the study's numbers into
 results/tables/summary.{csv,md,html}, deltas.csv and learning.html."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.aggregate import aggregate
 from conceptbench.jobs import job
 

@@ -1,5 +1,9 @@
 """Build a tiny model of the configured kind (the embedded default's stand-in for a hub model)."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.io import atomic_path
 from conceptbench.jobs import job
 

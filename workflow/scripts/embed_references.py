@@ -1,5 +1,9 @@
 """Embed a subject's reference images once (CLIP and DINOv2); every variant's evaluation reuses them."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]):

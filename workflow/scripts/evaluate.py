@@ -1,6 +1,10 @@
 """Score every sample of a variant: CLIP-T, CLIP-I, DINO-I, aesthetic (and the prior probe's similarity to the
 class images) per image, degenerate ones flagged."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]):

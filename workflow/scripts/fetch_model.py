@@ -1,5 +1,9 @@
 """Fetch a model from the Hugging Face hub at its pinned revision."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]):

@@ -1,5 +1,9 @@
 """Generate an experiment's class images once with the frozen base model; every variant shares them."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]) as log:

@@ -1,5 +1,9 @@
 """Embed a retrieval pool with the project's CLIP and index it with faiss, once per dataset."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]) as log:

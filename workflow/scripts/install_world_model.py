@@ -1,5 +1,9 @@
 """Install a model of the toy world from the repository's shipped copy (fp16) as fp32 in its layout."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.io import atomic_path
 from conceptbench.jobs import job
 

@@ -1,5 +1,9 @@
 """Fidelity against artifact size and against latency, across methods."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 from conceptbench.plots import plot_efficiency
 

@@ -1,5 +1,9 @@
 """One variant's samples as a grid, prompts by seeds, like the study's galleries."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 from conceptbench.plots import plot_gallery
 

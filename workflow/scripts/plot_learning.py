@@ -1,5 +1,9 @@
 """Draw one experiment's untrained base and best variant side by side on the same seeds ("Does it learn?")."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 from conceptbench.plots import plot_learning
 

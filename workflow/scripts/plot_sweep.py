@@ -1,6 +1,10 @@
 """Plot one experiment's metrics against its swept hyperparameter, with bootstrap intervals, the study's points,
 the untrained baselines and, for DDPO, the training reward per epoch."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 from conceptbench.plots import plot_sweep
 

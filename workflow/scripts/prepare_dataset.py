@@ -1,5 +1,9 @@
 """Check every image of a dataset and write it as RGB PNGs with metadata.jsonl."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.data import prepare_dataset
 from conceptbench.jobs import job
 

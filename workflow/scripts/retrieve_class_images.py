@@ -1,5 +1,9 @@
 """Retrieve one concept's real class images (the top k for its class prompt), shared by every variant."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]) as log:

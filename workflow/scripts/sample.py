@@ -1,5 +1,9 @@
 """Sample a variant (or, without an artifact, a baseline): every prompt x seed with fixed generators, plus latency."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]):

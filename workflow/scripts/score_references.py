@@ -1,5 +1,9 @@
 """Score a subject's reference photos against each other (leave-one-out): the real-image upper bound."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]):

@@ -1,5 +1,9 @@
 """Train one variant on the shared core; resumes from its last checkpoint when rerun."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]):

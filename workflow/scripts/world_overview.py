@@ -1,5 +1,9 @@
 """The toy world at a glance: the base model's samples, the subjects and the style; the models' quality."""
 
+from conceptbench.warm import handoff
+
+handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+
 from conceptbench.jobs import job
 
 with job(snakemake.log[0]):
