@@ -186,3 +186,15 @@ def test_describe_lists_a_methods_arguments_with_defaults(capsys):
     assert cb._main(["--describe", "dreambooth"]) == 0 and capsys.readouterr().out == text + "\n"
     assert cb._main(["--describe", "dreambooh"]) == 1
     assert "did you mean 'dreambooth'" in capsys.readouterr().out
+
+
+def test_class_images_are_drawn_as_the_dreambooth_reference_draws_them():
+    # diffusers examples/dreambooth/train_dreambooth.py calls pipeline(prompt): the pipeline's default 50 steps, 7.5.
+    cfg = cb.validate(copy.deepcopy(STUDY))
+    assert {k: cfg["experiments"]["dreambooth"]["class_images"][k] for k in ("steps", "guidance_scale")} == \
+        {"steps": 50, "guidance_scale": 7.5}
+    raw = copy.deepcopy(STUDY)
+    for key in ("steps", "guidance_scale"):
+        del raw["experiments"]["dreambooth"]["class_images"][key]
+    left_out = cb.validate(raw)["experiments"]["dreambooth"]["class_images"]
+    assert (left_out["steps"], left_out["guidance_scale"]) == (50, 7.5)
