@@ -131,7 +131,7 @@ def test_a_brightness_reward_moves_brightness_its_way(tiny_pipeline_dir, tmp_pat
     import conceptbench.methods.ddpo as ddpo_module
 
     monkeypatch.setattr(ddpo_module, "make_reward",
-                        lambda name, models, device: lambda images, prompts: sign * images.float().mean(dim=(1, 2, 3)))
+                        lambda name, models, device, options=None: lambda images, prompts: sign * images.float().mean(dim=(1, 2, 3)))
     per_prompt, epochs = 8, 4
     # This learning rate moves the reward by 1-3 sample stds per epoch, so earlier epochs' rewards would be a
     # lagging baseline: per-batch statistics (stat_buffer_size 0), as ddpo-pytorch without stat tracking.
@@ -176,7 +176,7 @@ def test_ddpo_resume_is_bitwise_identical_with_the_reward_history(tiny_pipeline_
     import conceptbench.methods.ddpo as ddpo_module
 
     monkeypatch.setattr(ddpo_module, "make_reward",
-                        lambda name, models, device: lambda images, prompts: images.float().mean(dim=(1, 2, 3)))
+                        lambda name, models, device, options=None: lambda images, prompts: images.float().mean(dim=(1, 2, 3)))
     # Two rewards per prompt per epoch and min_count 4: epoch 0 falls back to the batch, epoch 1 uses the
     # prompt's buffer, so the resumed step 2 (epoch 1) needs epoch 0's rewards from the checkpoint.
     # The full U-Net, because a LoRA's random initialisation is not drawn from the run's seed.

@@ -117,7 +117,7 @@ class DDPO(Method):
         self.stats = reward_stats(int(self.arg("stat_buffer_size")), int(self.arg("stat_min_count")),
                                   self.per_prompt)
         self.reward_name = self.arg("reward")
-        self.reward = make_reward(self.reward_name, ctx.inputs, ctx.device)
+        self.reward = make_reward(self.reward_name, ctx.inputs, ctx.device, ctx.model_options)
 
         frozen = runtime.precision_dtype(ctx.mixed_precision) or torch.float32
         pipe = base_pipeline(ctx, dtype=frozen if self.use_lora else torch.float32)

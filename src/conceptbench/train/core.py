@@ -231,7 +231,7 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
 def run_training(method: Method, spec: dict, base_model: Path, data_dir: Path, class_dir: Path | None,
                  artifact_dir: Path, work_dir: Path, log_path: Path, summary_path: Path, *, threads: int | None = None,
                  device: str | None = None, on_step_end: StepHook | None = None,
-                 inputs: dict | None = None) -> dict:
+                 inputs: dict | None = None, model_options: dict | None = None) -> dict:
     """Train `method` (built from spec["args"] by the caller, e.g. registry.build) on the dataset and write
     the artifact, the loss log and the summary.
 
@@ -239,14 +239,16 @@ def run_training(method: Method, spec: dict, base_model: Path, data_dir: Path, c
     a rerun with the same spec resumes from the last one, which is removed once the artifact is saved.
     `data_dir` may be None for methods that make their own data (DDPO). `device` defaults to CUDA
     when available; `threads` caps torch's CPU threads. `inputs` holds all the rule's named inputs
-    (methods with more than one image folder read theirs from it).
+    (methods with more than one image folder read theirs from it); `model_options` how the scoring models
+    among them are built, by role (DDPO's reward CLIP: config.clip_options).
     """
     runtime.set_threads(threads)
     cfg = train_config(spec)
     ctx = TrainContext(spec=spec, base_model=Path(base_model), data_dir=Path(data_dir) if data_dir else None,
                        class_dir=Path(class_dir) if class_dir else None, device=runtime.pick_device(device),
                        mixed_precision=cfg["mixed_precision"], gradient_checkpointing=cfg["gradient_checkpointing"],
-                       inputs={k: Path(v) for k, v in (inputs or {}).items()})
+                       inputs={k: Path(v) for k, v in (inputs or {}).items()},
+                       model_options=dict(model_options or {}))
     with stop_on_sigterm() as stop:
         summary = train(method, ctx, cfg, Path(work_dir), on_step_end=on_step_end, stop=stop)
 

@@ -58,6 +58,8 @@ class TrainContext:
     inputs: dict[str, Path] = field(default_factory=dict)
     # A base pipeline already built, used instead of loading base_model (the speed benchmark's random weights).
     pipeline: Any = None
+    # How the scoring models among the inputs are built, by role ({"clip": {"quick_gelu": True}}: config.clip_options).
+    model_options: dict[str, dict] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
