@@ -319,8 +319,9 @@ def gpu_model(wildcards):
 
 
 def train_runtime(wildcards, attempt):
-    """Minutes for a training job: setup plus steps at the method's declared H100 rate (an estimate with
-    margin; the job's benchmark file has the real figure), scaled by pixels; more per retry."""
+    """Minutes for a training job: setup plus train.steps (DDPO: epochs) at the method's declared H100 seconds
+    per step (an estimate with margin; the job's benchmark file has the real figure), scaled by pixels; more
+    per retry."""
     exp = EXPERIMENTS[wildcards.experiment]
     steps = cb.resolve_variant(config, wildcards.experiment, wildcards.variant)["train"]["steps"]
     rate = registry.declaration(exp["method"])["h100_seconds_per_step"]
