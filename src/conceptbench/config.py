@@ -198,6 +198,9 @@ def _check_references(config: dict, schema: dict) -> None:
             problems.append(f"{where}.base_model: {exp['base_model']!r} is a {base['kind']} model, expected diffusion")
         problems += _method_problems(where, exp, config)
         problems += _sweep_problems(where, exp, schema)
+        if exp["sampling"].get("safety_checker") and base is not None and (base.get("world") or base.get("tiny")):
+            problems.append(f"{where}.sampling.safety_checker: the base model {exp['base_model']!r} (the toy world's "
+                            "or a tiny one) has no safety checker; set it false")
         if exp["data"] and exp["data"] not in datasets:
             problems.append(f"{where}.data: {exp['data']!r} is not in datasets ({', '.join(datasets)})")
         needs_refs = REFERENCE_METRICS & set(exp["metrics"])
