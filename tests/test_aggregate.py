@@ -129,7 +129,7 @@ def test_study_numbers_sit_beside_the_measured_ones(results):
     for text in (md, html):
         assert "lambda-0.25" in text and "rank-16" in text and "0.588" in text and "0.27-0.35 good" in text and "0.15-0.20 poor" in text
         assert "Nanuvala" in text  # the source is named
-    assert html.count("<tr>") == 1 + 3 + 1 + 1 + 1 + len(comp)  # headers and rows of the three tables
+    assert html.count("<tr>") == 1 + 3 + 1 + 3 + 1 + 1 + 1 + len(comp)  # headers and rows of the four tables (all-image means the second)
 
 
 def test_study_file_transcribes_the_study():
@@ -189,3 +189,26 @@ def test_plots_write_pngs(results):
         assert im.width > 200 and pixels.std() > 5, name  # drawn on, not blank
     with Image.open(tmp_path / "gallery.png") as im:
         assert im.width > im.height  # 3 prompts down, 4 seeds across
+
+
+def test_means_over_all_images_keep_the_black_ones_the_study_averaged(results):
+    tmp_path, files, refs = results
+    table, out = run_aggregate(tmp_path, files, refs)
+    rank16 = table[table["variant"] == "rank-16"].iloc[0]
+    per = pd.read_csv(files["metrics"][EXPERIMENTS["dreambooth"]["variants"].__len__()])  # lora's rank-16
+    kept = per.loc[~per["degenerate"], "clip_t"]
+    assert rank16["n_degenerate"] == 2
+    assert rank16["clip_t"] == pytest.approx(kept.mean())  # the existing mean leaves them out
+    assert rank16["clip_t_all"] == pytest.approx(per["clip_t"].mean())  # the study's: every image
+    assert rank16["clip_t_all"] < rank16["clip_t"] - 0.5
+    assert math.isnan(rank16["clip_i_all"])  # a metric the experiment does not report
+    lam = table[table["variant"] == "lambda-0.25"].iloc[0]
+    assert lam["clip_t_all"] == pytest.approx(lam["clip_t"]) and lam["dino_i_all"] == pytest.approx(lam["dino_i"])
+    csv = pd.read_csv(out / "summary.csv")
+    assert {"clip_t_all", "clip_i_all", "dino_i_all", "aesthetic_all"} <= set(csv.columns)
+    comparison = pd.read_csv(out / "comparison.csv")
+    row = comparison[(comparison["variant"] == "rank-16") & (comparison["quantity"] == "clip_t")].iloc[0]
+    assert row["measured_all"] == pytest.approx(rank16["clip_t_all"])
+    md = (out / "summary.md").read_text()
+    assert "Over all images, degenerate ones (black, flat) included, as the study averaged" in md
+    assert f"{rank16['clip_t_all']:.3f}" in md

@@ -186,3 +186,35 @@ def test_describe_lists_a_methods_arguments_with_defaults(capsys):
     assert cb._main(["--describe", "dreambooth"]) == 0 and capsys.readouterr().out == text + "\n"
     assert cb._main(["--describe", "dreambooh"]) == 1
     assert "did you mean 'dreambooth'" in capsys.readouterr().out
+
+
+def test_class_images_are_drawn_as_the_dreambooth_reference_draws_them():
+    # diffusers examples/dreambooth/train_dreambooth.py calls pipeline(prompt): the pipeline's default 50 steps, 7.5.
+    cfg = cb.validate(copy.deepcopy(STUDY))
+    assert {k: cfg["experiments"]["dreambooth"]["class_images"][k] for k in ("steps", "guidance_scale")} == \
+        {"steps": 50, "guidance_scale": 7.5}
+    raw = copy.deepcopy(STUDY)
+    for key in ("steps", "guidance_scale"):
+        del raw["experiments"]["dreambooth"]["class_images"][key]
+    left_out = cb.validate(raw)["experiments"]["dreambooth"]["class_images"]
+    assert (left_out["steps"], left_out["guidance_scale"]) == (50, 7.5)
+
+
+def test_ddpo_runs_as_trls_example_on_prompts_of_its_own():
+    from conceptbench.methods.ddpo import PROMPT_SETS
+    from conceptbench.world.scene import CLASSES
+
+    study, tiny = cb.validate(copy.deepcopy(STUDY)), cb.validate(copy.deepcopy(TINY))
+    exp = study["experiments"]["ddpo"]
+    args = exp["args"]
+    # trl examples/scripts/ddpo.py: 200 epochs of 24 samples (4 x 6), train batches of 3 -> 8 updates an epoch.
+    assert (exp["train"]["steps"], args["samples_per_epoch"], args["sample_batch_size"], args["train_batch_size"]) == \
+        (200, 24, 6, 3)
+    assert exp["train"]["steps"] * args["samples_per_epoch"] // args["train_batch_size"] == 1600
+    assert (args["guidance_scale"], args["eta"], args["clip_range"], args["adv_clip_max"]) == (5.0, 1.0, 1e-4, 5.0)
+    assert (args["stat_buffer_size"], args["stat_min_count"], exp["train"]["adam_weight_decay"]) == (32, 16, 1e-4)
+    assert args["prompts"] == "animals" and len(PROMPT_SETS["animals"]) == 27
+    assert not set(PROMPT_SETS["animals"]) & set(exp["prompts"])
+    toy = tiny["experiments"]["ddpo"]
+    assert not set(toy["args"]["prompts"]) & set(toy["prompts"])  # trained apart from what is evaluated
+    assert all(any(c in p.split() for c in CLASSES) for p in toy["args"]["prompts"])  # in the toy world's words

@@ -76,14 +76,15 @@ def test_prompt_lists():
 
 def test_ddpo_lora_trains_only_the_adapter_and_round_trips(tiny_pipeline_dir, tmp_path):
     spec = {"experiment": "ddpo", "variant": "lora-true", "method": "ddpo", "seed": 0, "resolution": 64,
-            "train": {"steps": 2, "learning_rate": 1e-2, "gradient_accumulation_steps": 2, "checkpoint_every": 0},
-            "args": {"reward": "brightness", "prompts": ["a cat", "a dog"], "samples_per_prompt": 2, "sample_steps": 2,
-                     "inner_epochs": 2, "clip_range": 0.2, "use_lora": True, "lora_rank": 4}}
+            "train": {"steps": 1, "learning_rate": 1e-2, "gradient_accumulation_steps": 2, "checkpoint_every": 0},
+            "args": {"reward": "brightness", "prompts": ["a cat", "a dog"], "prompt_draw": "each", "samples_per_epoch": 4,
+                     "train_batch_size": 4, "sample_steps": 2, "inner_epochs": 2, "clip_range": 0.2, "use_lora": True,
+                     "lora_rank": 4}}
     method = DDPO(spec["args"])
     ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=None, class_dir=None,
                        device=torch.device("cpu"), mixed_precision="no")
     summary = train(method, ctx, train_config(spec), tmp_path / "work")
-    assert len(method.rewards) == 1  # two inner epochs share one batch of trajectories
+    assert len(method.rewards) == 1 and summary["updates"] == 2  # two inner epochs share one epoch's trajectories
     assert method.buffer["latents"].shape == (4, 3, 4, 32, 32) and method.buffer["log_probs"].shape == (4, 2)
     assert summary["trainable_params"] == sum(p.numel() for n, p in method.unet.named_parameters() if "lora" in n)
     method.save(tmp_path / "artifact")
@@ -131,13 +132,14 @@ def test_a_brightness_reward_moves_brightness_its_way(tiny_pipeline_dir, tmp_pat
     import conceptbench.methods.ddpo as ddpo_module
 
     monkeypatch.setattr(ddpo_module, "make_reward",
-                        lambda name, models, device: lambda images, prompts: sign * images.float().mean(dim=(1, 2, 3)))
+                        lambda name, models, device, options=None: lambda images, prompts: sign * images.float().mean(dim=(1, 2, 3)))
     per_prompt, epochs = 8, 4
     # This learning rate moves the reward by 1-3 sample stds per epoch, so earlier epochs' rewards would be a
     # lagging baseline: per-batch statistics (stat_buffer_size 0), as ddpo-pytorch without stat tracking.
     spec = {"experiment": "ddpo", "variant": "lora-false", "method": "ddpo", "seed": 0, "resolution": 64,
             "train": {"steps": epochs, "learning_rate": 1e-3, "adam_weight_decay": 0.0, "checkpoint_every": 0},
-            "args": {"reward": "brightness", "prompts": ["a cat"], "samples_per_prompt": per_prompt, "sample_steps": 4,
+            "args": {"reward": "brightness", "prompts": ["a cat"], "prompt_draw": "each", "samples_per_epoch": per_prompt,
+                     "sample_batch_size": per_prompt, "train_batch_size": per_prompt, "sample_steps": 4,
                      "guidance_scale": 1.0, "inner_epochs": 1, "clip_range": 0.2, "use_lora": False,
                      "stat_buffer_size": 0, "stat_min_count": 2}}
     method = _LatentImageDDPO(spec["args"])
@@ -176,15 +178,15 @@ def test_ddpo_resume_is_bitwise_identical_with_the_reward_history(tiny_pipeline_
     import conceptbench.methods.ddpo as ddpo_module
 
     monkeypatch.setattr(ddpo_module, "make_reward",
-                        lambda name, models, device: lambda images, prompts: images.float().mean(dim=(1, 2, 3)))
+                        lambda name, models, device, options=None: lambda images, prompts: images.float().mean(dim=(1, 2, 3)))
     # Two rewards per prompt per epoch and min_count 4: epoch 0 falls back to the batch, epoch 1 uses the
-    # prompt's buffer, so the resumed step 2 (epoch 1) needs epoch 0's rewards from the checkpoint.
+    # prompt's buffer, so the resumed epoch 1 (updates 2 and 3) needs epoch 0's rewards from the checkpoint.
     # The full U-Net, because a LoRA's random initialisation is not drawn from the run's seed.
     spec = {"experiment": "ddpo", "variant": "lora-false", "method": "ddpo", "seed": 0, "resolution": 32,
             "train": {"steps": 2, "learning_rate": 1e-3, "adam_weight_decay": 0.0, "checkpoint_every": 1},
-            "args": {"reward": "brightness", "prompts": ["a cat", "a dog"], "samples_per_prompt": 2, "sample_steps": 2,
-                     "guidance_scale": 1.0, "clip_range": 0.2, "timestep_fraction": 0.5, "use_lora": False,
-                     "stat_buffer_size": 4, "stat_min_count": 4}}
+            "args": {"reward": "brightness", "prompts": ["a cat", "a dog"], "prompt_draw": "each", "samples_per_epoch": 4,
+                     "train_batch_size": 2, "sample_steps": 2, "guidance_scale": 1.0, "clip_range": 0.2,
+                     "timestep_fraction": 0.5, "use_lora": False, "stat_buffer_size": 4, "stat_min_count": 4}}
 
     def run(name, cls=_LatentImageDDPO, hook=None):
         method = cls(spec["args"])
@@ -194,12 +196,13 @@ def test_ddpo_resume_is_bitwise_identical_with_the_reward_history(tiny_pipeline_
 
     whole, _ = run("whole")
     with pytest.raises(_Crash):
-        run("resumed", hook=_crash_after(1))
+        run("resumed", hook=_crash_after(2))  # after epoch 0's two updates and its checkpoint
     shutil.copytree(tmp_path / "resumed", tmp_path / "forgetful")
     resumed, summary = run("resumed")
     forgetful, _ = run("forgetful", _ForgetfulDDPO)
 
-    assert summary["resumed_from_step"] == 1
+    assert summary["resumed_from_step"] == 2 and summary["updates"] == 4
+    assert resumed.ratio_log() == whole.ratio_log()
     assert all(len(v) == 4 for v in whole.stats.history.values()) and len(whole.stats.history) == 2
     assert resumed.stats.history == whole.stats.history
     assert torch.equal(resumed.buffer["advantages"], whole.buffer["advantages"])
@@ -207,3 +210,40 @@ def test_ddpo_resume_is_bitwise_identical_with_the_reward_history(tiny_pipeline_
     # Without the history, epoch 1's advantages come from its batch and the update differs.
     assert not torch.equal(forgetful.buffer["advantages"], whole.buffer["advantages"])
     assert not all(torch.equal(a, b) for a, b in zip(whole.params, forgetful.params, strict=True))
+
+
+def test_an_epoch_makes_several_updates_and_the_ratio_leaves_one_after_the_first(tiny_pipeline_dir, tmp_path):
+    """As trl's DDPOTrainer: an epoch's trajectories feed samples_per_epoch / train_batch_size updates; the
+    first is taken by the policy that sampled (ratio 1), the later ones by a changed one, so clipping acts."""
+    spec = {"experiment": "ddpo", "variant": "lora-false", "method": "ddpo", "seed": 0, "resolution": 32,
+            "train": {"steps": 2, "learning_rate": 1e-3, "checkpoint_every": 0, "gradient_accumulation_steps": 2},
+            "args": {"reward": "brightness", "prompts": ["a cat", "a dog", "a cow"], "samples_per_epoch": 6,
+                     "sample_batch_size": 4, "train_batch_size": 2, "sample_steps": 3, "use_lora": False}}
+    method = DDPO(spec["args"])
+    ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=None, class_dir=None,
+                       device=torch.device("cpu"), mixed_precision="no")
+    summary = train(method, ctx, train_config(spec), tmp_path / "work")
+    assert method.updates_per_step() == 3 and summary["steps"] == 2 and summary["updates"] == 6
+    assert [e for e, _, _ in method.rewards] == [0, 1]  # one round of sampling per epoch (step)
+    assert method.buffer["log_probs"].shape == (6, 3)  # 6 trajectories of 3 steps, sampled 4 + 2
+    log = method.ratio_log()
+    assert [r["update"] for r in log] == list(range(6))
+    for r in log:
+        if r["update"] % 3 == 0:  # an epoch's first update: the policy that sampled
+            assert r["ratio_gap"] < 1e-5 and r["clipped"] == 0.0, r
+        else:
+            assert r["ratio_gap"] > spec_clip(method) and r["clipped"] > 0.0, r
+
+
+def spec_clip(method) -> float:
+    return method.clip_range
+
+
+def test_the_epoch_shape_is_checked():
+    from conceptbench.methods.ddpo import epoch_shape
+
+    assert epoch_shape(24, 3, 27, "random") == 8  # trl's example: 8 updates an epoch
+    with pytest.raises(MethodError, match="samples_per_epoch 24 is not a multiple of args.train_batch_size 5"):
+        epoch_shape(24, 5, 27, "random")
+    with pytest.raises(MethodError, match="prompt_draw 'each' needs args.samples_per_epoch"):
+        epoch_shape(24, 3, 5, "each")

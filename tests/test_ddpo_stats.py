@@ -100,13 +100,14 @@ def test_the_history_round_trips_through_a_checkpoint(tmp_path):
 
 
 def test_ddpo_checks_its_stat_args():
-    assert reward_stats(0, 2, samples_per_prompt=8).buffer_size == 0
-    assert reward_stats(16, 16, samples_per_prompt=8).min_count == 16
-    with pytest.raises(MethodError, match="stat_buffer_size 4 is below args.samples_per_prompt 8"):
-        reward_stats(4, 4, samples_per_prompt=8)
+    assert reward_stats(0, 2, per_prompt=8).buffer_size == 0
+    assert reward_stats(16, 16, per_prompt=8).min_count == 16
+    assert reward_stats(4, 4).buffer_size == 4  # random draws: no fixed count per prompt to check against
+    with pytest.raises(MethodError, match="stat_buffer_size 4 is below the 8 samples each prompt gets per epoch"):
+        reward_stats(4, 4, per_prompt=8)
     with pytest.raises(MethodError, match="stat_min_count 17 exceeds args.stat_buffer_size 16"):
-        reward_stats(16, 17, samples_per_prompt=8)
+        reward_stats(16, 17, per_prompt=8)
     with pytest.raises(MethodError, match="stat_buffer_size must be >= 0"):
-        reward_stats(-1, 2, samples_per_prompt=8)
+        reward_stats(-1, 2, per_prompt=8)
     with pytest.raises(ValueError, match="3 rewards but 2 prompts"):
         RewardStats(4, 4).advantages(torch.zeros(3), [A, B])

@@ -11,8 +11,12 @@ import torch
 from PIL import Image
 from skimage import data
 
+from pathlib import Path
+
 from conceptbench.io import write_jsonl
 from conceptbench.metrics import scores
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +104,52 @@ def test_clip_folder_without_weights_is_refused(models, tmp_path):
     with pytest.raises(FileNotFoundError, match="no weights") as err:
         ClipEncoder.load(empty, "cpu")
     assert str(empty) in str(err.value)
+
+
+
+def _uses_quick_gelu(encoder) -> bool:
+    import open_clip
+
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in encoder.model.modules())
+
+
+def test_the_model_entry_sets_clips_activation_over_the_folder(models, samples, tmp_path):
+    """OpenAI's weights need QuickGELU, which a 'local-dir:' folder's config need not say: the entry decides."""
+    import copy
+
+    import yaml
+
+    from conceptbench import config as cb
+    from conceptbench.metrics.encoders import ClipEncoder
+    from conceptbench.metrics.evaluate import evaluate_samples
+
+    folder = models["clip"]
+    assert "quick_gelu" not in json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    quick, plain, unset = (ClipEncoder.load(folder, "cpu", quick_gelu=q) for q in (True, False, None))
+    assert _uses_quick_gelu(quick) and not _uses_quick_gelu(plain) and not _uses_quick_gelu(unset)
+    images, texts = [natural("chelsea"), natural("coffee")], ["a cat", "a cup of coffee"]
+    assert not torch.allclose(quick.encode_images(images), plain.encode_images(images), atol=1e-4)
+    assert not torch.allclose(quick.encode_texts(texts), plain.encode_texts(texts), atol=1e-4)
+    torch.testing.assert_close(unset.encode_images(images), plain.encode_images(images))  # left out: the folder's
+
+    # From the config to the scores: the study's entry says true, so evaluation runs QuickGELU.
+    study = cb.validate(yaml.safe_load((ROOT / "config/config.yaml").read_text()))
+    options = cb.clip_options(study)
+    assert options == {"quick_gelu": True}
+    by_entry = evaluate_samples(samples, None, folder, None, None, tmp_path / "q.csv", device="cpu", clip_options=options)
+    by_folder = evaluate_samples(samples, None, folder, None, None, tmp_path / "f.csv", device="cpu")
+    assert not np.allclose(by_entry["clip_t"], by_folder["clip_t"], atol=1e-5)
+    expected = (quick.encode_images([Image.open(samples / f).convert("RGB") for f in by_entry["file"]])
+                * quick.encode_texts(list(by_entry["eval_prompt"]))).sum(-1).numpy()
+    np.testing.assert_allclose(by_entry["clip_t"].to_numpy(), expected, atol=1e-5)
+
+    # The toy world's CLIP loads as it was trained (its entry leaves the key out), and the key is open_clip's alone.
+    tiny = cb.validate(yaml.safe_load((ROOT / "config/tiny.yaml").read_text()))
+    assert cb.clip_options(tiny) == {"quick_gelu": None}
+    wrong = copy.deepcopy(study)
+    wrong["models"]["dino"]["quick_gelu"] = True
+    with pytest.raises(cb.ConfigError, match="models.dino.quick_gelu: only a model of kind open_clip"):
+        cb.validate(wrong)
 
 
 def test_dino_features_are_the_normalised_cls_token(models):

@@ -31,7 +31,7 @@ def test_declarations_are_read_without_importing_the_methods():
                          env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'tests'}", "PATH": ""}).stdout.split()
     assert out == ["7", "False"]
     assert registry.available_methods() == ["custom_diffusion", "ddpo", "dreambooth", "lcm", "lora", "textual_inversion"]
-    assert registry.declaration("ddpo")["h100_seconds_per_step"] == 240.0
+    assert registry.declaration("ddpo")["h100_seconds_per_step"] == 180.0
     assert registry.declaration(BITFIT)["inputs"] == {"data": True}
 
 

@@ -81,3 +81,48 @@ def test_class_images_are_seeded_pngs_with_captions(tiny_pipeline_dir, tmp_path)
     for m in meta:
         diff = pixels(tmp_path / "a" / m["file_name"]) - pixels(tmp_path / "b" / m["file_name"])
         assert np.abs(diff).max() <= 2
+
+
+def _with_safety_checker(base, out, flag_everything: bool):
+    """A copy of the tiny pipeline folder with a tiny safety checker (flagging every image, or none)."""
+    import shutil
+
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    shutil.copytree(base, out)
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2},
+                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=8)
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():  # a concept is found where cosine − threshold > 0: a threshold of −2 finds it always
+        checker.concept_embeds_weights.fill_(-2.0 if flag_everything else 2.0)
+        checker.special_care_embeds_weights.fill_(2.0)
+    checker.save_pretrained(str(out / "safety_checker"))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        str(out / "feature_extractor"))
+    return out
+
+
+def test_the_safety_checker_blackens_what_it_flags_only_when_asked(tiny_pipeline_dir, tmp_path):
+    from conceptbench.metrics.scores import degenerate_reason
+
+    spec = {"experiment": "dreambooth", "variant": "base", "method": "dreambooth", "seed": 0, "resolution": 64}
+    cfg = {"prompts": PROMPTS[:1], "seeds": [0, 1], "steps": 2, "guidance_scale": 5.0, "latency_repeats": 0}
+    flagging = _with_safety_checker(tiny_pipeline_dir, tmp_path / "flagging", flag_everything=True)
+    run_sampling(spec, flagging, None, {**cfg, "safety_checker": True}, tmp_path / "on", device="cpu")
+    run_sampling(spec, flagging, None, cfg, tmp_path / "off", device="cpu")  # the default: no checker
+    on, off = sorted((tmp_path / "on").glob("*.png")), sorted((tmp_path / "off").glob("*.png"))
+    assert all(pixels(p).max() == 0 for p in on)  # flagged: black, as a stock pipeline returns them
+    assert all(pixels(p).max() > 0 for p in off)
+    assert all(degenerate_reason(Image.open(p)) == "black" for p in on)  # so evaluation flags them
+    passing = _with_safety_checker(tiny_pipeline_dir, tmp_path / "passing", flag_everything=False)
+    run_sampling(spec, passing, None, {**cfg, "safety_checker": True}, tmp_path / "passed", device="cpu")
+    for a, b in zip(sorted((tmp_path / "passed").glob("*.png")), off):
+        assert np.array_equal(pixels(a), pixels(b))
+    with pytest.raises(FileNotFoundError, match="sampling.safety_checker is true, but the base model folder .* has no "
+                                                "safety_checker or feature_extractor/"):
+        run_sampling(spec, tiny_pipeline_dir, None, {**cfg, "safety_checker": True}, tmp_path / "none", device="cpu")

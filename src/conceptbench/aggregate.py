@@ -19,8 +19,8 @@ import pandas as pd
 
 from . import study as study_numbers
 from .io import atomic_path, read_json
-from .paired import (MAIN_SET, STUDY_METRICS, best_variant, counts, mean_with_interval, paired_delta,
-                     paired_deltas, summarize, variant_scores)
+from .paired import (MAIN_SET, STUDY_METRICS, all_image_means, best_variant, counts, mean_with_interval,
+                     paired_delta, paired_deltas, summarize, variant_scores)
 
 METRICS = STUDY_METRICS  # always columns of summary.csv; other per-image metrics follow when present
 COSTS = ["latency_ms", "trainable_params", "artifact_bytes", "train_seconds", "peak_mem_bytes"]
@@ -30,15 +30,17 @@ TRAINED, BASELINE, REAL = "trained", "baseline", "real"  # the role column
 BASE = "base"  # the baseline every delta in summary.csv is taken against
 COMPARISON_COLUMNS = [
     "experiment", "method", "variant", "quantity", "study", "measured", "measured_lo", "measured_hi", "measured_band",
+    "measured_all",
 ]
+ALL = [f"{m}_all" for m in METRICS]  # means over all images, degenerate ones included (as the study averaged)
 DELTA_COLUMNS = ["experiment", "method", "variant", "role", "reference", "metric", "n_pairs", "delta", "delta_lo",
                  "delta_hi"]
 REAL_IMAGES = "real_images"  # the method name of the leave-one-out upper-bound rows
 
 
 def columns(metrics: list[str]) -> list[str]:
-    """summary.csv's columns for these metric names."""
-    return [*FRONT, *[f"{m}{s}" for m in metrics for s in STATS], *COSTS]
+    """summary.csv's columns for these metric names (and the study metrics' means over all images)."""
+    return [*FRONT, *[f"{m}{s}" for m in metrics for s in STATS], *ALL, *COSTS]
 
 
 COLUMNS = columns(METRICS)  # summary.csv's columns when the per-image CSVs hold only the study's metrics
@@ -105,6 +107,7 @@ def compare_with_study(table: pd.DataFrame, experiments: dict, study: dict) -> p
                 "measured_lo": getattr(r, f"{quantity}_lo", math.nan),
                 "measured_hi": getattr(r, f"{quantity}_hi", math.nan),
                 "measured_band": band_of(study, quantity, measured),
+                "measured_all": getattr(r, f"{quantity}_all", math.nan),
             })
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
@@ -171,12 +174,14 @@ def aggregate(
         per_image = pd.read_csv(m_file)
         scores[exp, name] = variant_scores(per_image, experiments[exp]["metrics"])
         rows[exp, name] = {**_identity(experiments, exp, name, BASELINE), **counts(per_image),
+                           **all_image_means(per_image, experiments[exp]["metrics"]),
                            "latency_ms": read_json(Path(s_dir) / "latency.json")["median_ms"],
                            "trainable_params": 0, "artifact_bytes": 0, "train_seconds": 0.0}
     for (exp, variant), m_file, t_file, s_dir in zip(keys, metrics_files, train_files, sample_dirs):
         per_image, train = pd.read_csv(m_file), read_json(t_file)
         scores[exp, variant] = variant_scores(per_image, experiments[exp]["metrics"])
         rows[exp, variant] = {**_identity(experiments, exp, variant, TRAINED), **counts(per_image),
+                              **all_image_means(per_image, experiments[exp]["metrics"]),
                               "latency_ms": read_json(Path(s_dir) / "latency.json")["median_ms"],
                               **{k: train[k] for k in ("trainable_params", "artifact_bytes", "train_seconds",
                                                        "peak_mem_bytes")}}
@@ -297,6 +302,11 @@ def display_tables(table: pd.DataFrame, comparison: pd.DataFrame | None,
             for _, r in measured.iterrows()]
     tables = [("Measured: mean [95 % bootstrap interval] over (prompt, seed) pairs; Δ: paired difference to the "
                "experiment's untrained base on the same pairs [95 % paired bootstrap interval]", header, body)]
+    tables.append(("Over all images, degenerate ones (black, flat) included, as the study averaged; the means above "
+                   "leave them out", ["experiment", "variant", "images (degenerate)", *[NAMES[m] for m in METRICS]],
+                   [[r["experiment"], r["variant"], f"{r['n_images']} ({r['n_degenerate']})",
+                     *["" if pd.isna(r[f"{m}_all"]) else f"{r[f'{m}_all']:.3f}" for m in METRICS]]
+                    for _, r in measured.iterrows()]))
     extra = [c[: -len("_delta")] for c in table.columns if c.endswith("_delta") and c[: -len("_delta")] not in METRICS]
     if extra:
         rows = [[r["experiment"], r["variant"], *[f"{_with_interval(r, m)}; Δ {_delta(r, m)}" if not pd.isna(r[m]) else ""
@@ -320,9 +330,12 @@ def display_tables(table: pd.DataFrame, comparison: pd.DataFrame | None,
             measured_text = _number(c["quantity"], c["measured"])
             if not pd.isna(c["measured_lo"]):
                 measured_text += f" [{c['measured_lo']:.3f}, {c['measured_hi']:.3f}]"
+            everything = "" if pd.isna(c["measured_all"]) else _number(c["quantity"], c["measured_all"])
             rows.append([c["experiment"], c["variant"], NAMES[c["quantity"]], _number(c["quantity"], c["study"]),
-                         measured_text, c["measured_band"]])
-        tables.append(("Study vs measured", ["experiment", "variant", "quantity", "study", "measured", "band (study's)"], rows))
+                         measured_text, c["measured_band"], everything])
+        tables.append(("Study vs measured (measured: over non-degenerate images; all images: degenerate ones included, "
+                       "as the study averaged)",
+                       ["experiment", "variant", "quantity", "study", "measured", "band (study's)", "all images"], rows))
     return tables
 
 

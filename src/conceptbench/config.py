@@ -31,6 +31,8 @@ SCHEMA = resources.files("conceptbench") / "schemas" / "config.schema.yaml"
 VARIANT_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 # Methods whose experiments score against reference images need a subject dataset.
 REFERENCE_METRICS = {"clip_i", "dino_i"}
+# Model entry keys that say how a folder is loaded, not what it holds: a change reruns no fetch or build.
+LOAD_OPTIONS = ("quick_gelu",)
 # The untrained base model's variant, present in every experiment: every other variant's paired deltas
 # are taken against it (aggregate.py). `baselines` may add more references (LCM's teacher at full steps).
 BASE = "base"
@@ -184,6 +186,9 @@ def load(path: str | Path, schema_path: Path = SCHEMA) -> dict:
 def _check_references(config: dict, schema: dict) -> None:
     problems = []
     models, datasets = config["models"], config["datasets"]
+    for name, model in models.items():
+        if "quick_gelu" in model and model["kind"] != "open_clip":
+            problems.append(f"models.{name}.quick_gelu: only a model of kind open_clip has it (this one is {model['kind']})")
     for name, exp in enabled_experiments(config).items():
         where = f"experiments.{name}"
         base = models.get(exp["base_model"])
@@ -193,6 +198,9 @@ def _check_references(config: dict, schema: dict) -> None:
             problems.append(f"{where}.base_model: {exp['base_model']!r} is a {base['kind']} model, expected diffusion")
         problems += _method_problems(where, exp, config)
         problems += _sweep_problems(where, exp, schema)
+        if exp["sampling"].get("safety_checker") and base is not None and (base.get("world") or base.get("tiny")):
+            problems.append(f"{where}.sampling.safety_checker: the base model {exp['base_model']!r} (the toy world's "
+                            "or a tiny one) has no safety checker; set it false")
         if exp["data"] and exp["data"] not in datasets:
             problems.append(f"{where}.data: {exp['data']!r} is not in datasets ({', '.join(datasets)})")
         needs_refs = REFERENCE_METRICS & set(exp["metrics"])
@@ -220,6 +228,12 @@ def _check_references(config: dict, schema: dict) -> None:
         problems += _baseline_problems(where, exp, names)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def clip_options(config: dict) -> dict:
+    """How the metrics CLIP is built beyond what its folder says (ClipEncoder.load's keywords): its model
+    entry's quick_gelu (None: the folder's open_clip_config.json decides)."""
+    return {"quick_gelu": config["models"][config["metrics"]["clip"]].get("quick_gelu")}
 
 
 def check_output_dirs(config: dict) -> None:

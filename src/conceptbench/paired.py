@@ -77,6 +77,19 @@ def counts(per_image: pd.DataFrame) -> dict:
     return {"n_images": int(len(main)), "n_degenerate": int(main["degenerate"].astype(bool).sum())}
 
 
+def all_image_means(per_image: pd.DataFrame, metrics: list[str]) -> dict:
+    """<metric>_all for each of the study's metrics: the mean over every image of the main prompt set,
+    degenerate ones (black, flat) included, as the study averaged (its rank-16 LoRA mean includes black
+    images); NaN where the experiment does not list the metric. The other means leave them out."""
+    main = per_image[per_image["prompt_set"] == MAIN_SET] if "prompt_set" in per_image else per_image
+    out = {}
+    for metric in STUDY_METRICS:
+        values = main[metric].astype(float) if metric in metrics and metric in main else pd.Series(dtype=float)
+        values = values[np.isfinite(values)]
+        out[f"{metric}_all"] = float(values.mean()) if len(values) else math.nan
+    return out
+
+
 def summarize(scores: dict[str, pd.Series], names: list[str], seed: int = 0) -> dict:
     """name, name_lo, name_hi for each of `names` (NaN where the variant has no values)."""
     row = {}

@@ -131,12 +131,14 @@ def retrieve_from_service(prompt: str, count: int, url: str, indice_name: str, r
 
 
 def run_retrieval(cfg: dict, out_dir: Path, *, clip_dir: Path | None = None, index_dir: Path | None = None,
-                  pool_dir: Path | None = None, device: str | None = None) -> list[dict]:
-    """What the retrieve_class_images rule runs. cfg: prompt, count, backend, resolution, knn_url, knn_index."""
+                  pool_dir: Path | None = None, device: str | None = None,
+                  clip_options: dict | None = None) -> list[dict]:
+    """What the retrieve_class_images rule runs. cfg: prompt, count, backend, resolution, knn_url, knn_index;
+    clip_options: how the CLIP is built (config.clip_options)."""
     if cfg["backend"] == "knn_service":
         return retrieve_from_service(cfg["prompt"], int(cfg["count"]), cfg["knn_url"], cfg["knn_index"],
                                      int(cfg["resolution"]), Path(out_dir))
     from .metrics.encoders import ClipEncoder
 
-    encoder = ClipEncoder.load(clip_dir, device=device)
+    encoder = ClipEncoder.load(clip_dir, device=device, **(clip_options or {}))
     return retrieve_from_index(cfg["prompt"], int(cfg["count"]), Path(index_dir), Path(pool_dir), encoder, Path(out_dir))

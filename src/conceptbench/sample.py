@@ -108,10 +108,28 @@ def sampling_config(spec: dict, cfg: dict) -> dict:
             "latency_repeats": evaluation["latency_repeats"], "resolution": spec["resolution"], **cfg}
 
 
+def attach_safety_checker(pipe, base_model: Path, device) -> None:
+    """sampling.safety_checker: give `pipe` the base model folder's safety checker and feature extractor, so
+    it blackens the images the checker flags, as a stock pipeline does."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    missing = [d for d in ("safety_checker", "feature_extractor") if not (Path(base_model) / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"sampling.safety_checker is true, but the base model folder {base_model} has no {' or '.join(missing)}/ "
+            "(fetched hub models leave them out: add 'safety_checker/*' and 'feature_extractor/*' to the model's "
+            "allow_patterns; the toy world's and tiny models have none): set sampling.safety_checker to false")
+    checker = StableDiffusionSafetyChecker.from_pretrained(str(Path(base_model) / "safety_checker"))
+    pipe.safety_checker = checker.to(device=device, dtype=pipe.unet.dtype).eval()
+    pipe.feature_extractor = CLIPImageProcessor.from_pretrained(str(Path(base_model) / "feature_extractor"))
+
+
 def load_for_sampling(spec: dict, base_model: Path, artifact_dir: Path | None, cfg: dict, device):
     """(pipeline, prompts): a trained variant through its method's loader, or, with no artifact, the
     untrained base model (a baseline) given each prompt as the method's base_prompt reads it.
-    cfg["scheduler"] "ddim" swaps in a DDIMScheduler built from the pipeline's own config."""
+    cfg["scheduler"] "ddim" swaps in a DDIMScheduler built from the pipeline's own config; cfg["safety_checker"]
+    attaches the base model folder's safety checker (attach_safety_checker)."""
     from diffusers import DDIMScheduler
 
     from .methods import get_method
@@ -123,6 +141,8 @@ def load_for_sampling(spec: dict, base_model: Path, artifact_dir: Path | None, c
         prompts = [{**p, "prompt": method.base_prompt(p, spec.get("args", {}))} for p in prompts]
     else:
         pipe = method.load_pipeline(Path(artifact_dir), Path(base_model), spec, device, dtype)
+    if cfg.get("safety_checker"):
+        attach_safety_checker(pipe, Path(base_model), device)
     scheduler = cfg.get("scheduler", "pipeline")  # set by a baseline (`baselines:` in the schema)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -53,7 +53,9 @@ def model_dir(name):
 
 
 def model_spec(wildcards):
-    return MODELS[wildcards.model]
+    """A model entry as its fetch, build or install job needs it: without the keys that only say how the
+    folder is loaded (cb.LOAD_OPTIONS), so changing those reruns the jobs that load it, not the download."""
+    return {k: v for k, v in MODELS[wildcards.model].items() if k not in cb.LOAD_OPTIONS}
 
 
 def dataset_spec(wildcards):
@@ -190,6 +192,17 @@ def reference_models(wildcards):
 # --- params: what a job computes from, so a changed value reruns exactly that job ----------------
 
 
+def clip_options(wildcards=None):
+    """How every job that loads the metrics CLIP builds it (its model entry's quick_gelu)."""
+    return cb.clip_options(config)
+
+
+def train_model_options(wildcards):
+    """How the train job loads the scoring models it takes ({role: options}: DDPO's reward CLIP); empty for
+    methods that take none, so a changed quick_gelu reruns only the training that reads CLIP."""
+    return {"clip": cb.clip_options(config)} if "clip" in train_inputs(wildcards) else {}
+
+
 def variant_spec(wildcards):
     """The training spec; sampling settings are left out so changing them reruns no training."""
     spec = cb.resolve_variant(config, wildcards.experiment, wildcards.variant)
@@ -306,8 +319,9 @@ def gpu_model(wildcards):
 
 
 def train_runtime(wildcards, attempt):
-    """Minutes for a training job: setup plus steps at the method's declared H100 rate (an estimate with
-    margin; the job's benchmark file has the real figure), scaled by pixels; more per retry."""
+    """Minutes for a training job: setup plus train.steps (DDPO: epochs) at the method's declared H100 seconds
+    per step (an estimate with margin; the job's benchmark file has the real figure), scaled by pixels; more
+    per retry."""
     exp = EXPERIMENTS[wildcards.experiment]
     steps = cb.resolve_variant(config, wildcards.experiment, wildcards.variant)["train"]["steps"]
     rate = registry.declaration(exp["method"])["h100_seconds_per_step"]

@@ -9,6 +9,8 @@ rule embed_references:
         images=f"{RESULTS}/data/{{dataset}}",
     output:
         f"{RESULTS}/references/{{dataset}}.safetensors",
+    params:
+        clip=clip_options,
     log:
         f"{RESULTS}/logs/embed_references/{{dataset}}.log",
     benchmark:
@@ -30,6 +32,8 @@ rule embed_class_images:
         unpack(class_reference_inputs),
     output:
         f"{RESULTS}/references/class_images/{{experiment}}.safetensors",
+    params:
+        clip=clip_options,
     log:
         f"{RESULTS}/logs/embed_class_images/{{experiment}}.log",
     benchmark:
@@ -53,6 +57,7 @@ rule evaluate:
         f"{RESULTS}/metrics/{{experiment}}/{{variant}}.csv",
     params:
         subject=world_subject,
+        clip=clip_options,
     log:
         f"{RESULTS}/logs/evaluate/{{experiment}}/{{variant}}.log",
     benchmark:

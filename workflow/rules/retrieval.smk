@@ -8,6 +8,8 @@ rule index_pool:
         unpack(pool_index_inputs),
     output:
         directory(f"{RESULTS}/pools/{{dataset}}"),
+    params:
+        clip=clip_options,
     log:
         f"{RESULTS}/logs/index_pool/{{dataset}}.log",
     benchmark:
@@ -31,6 +33,7 @@ rule retrieve_class_images:
         directory(f"{RESULTS}/retrieved/{{experiment}}/{{concept}}"),
     params:
         cfg=retrieval_params,
+        clip=clip_options,
     wildcard_constraints:
         concept=r"\d+",
     log:

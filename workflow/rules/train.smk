@@ -11,6 +11,7 @@ rule train:
         loss=f"{RESULTS}/train/{{experiment}}/{{variant}}/loss.jsonl",
     params:
         spec=variant_spec,
+        models=train_model_options,
         checkpoints=f"{RESULTS}/checkpoints/{{experiment}}/{{variant}}",
     log:
         f"{RESULTS}/logs/train/{{experiment}}/{{variant}}.log",

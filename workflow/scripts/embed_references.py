@@ -9,4 +9,5 @@ from conceptbench.jobs import job
 with job(snakemake.log[0]):
     from conceptbench.metrics.evaluate import embed_references
 
-    embed_references(snakemake.input.images, snakemake.input.clip, snakemake.input.dino, snakemake.output[0])
+    embed_references(snakemake.input.images, snakemake.input.clip, snakemake.input.dino, snakemake.output[0],
+                     clip_options=snakemake.params.clip)

@@ -20,4 +20,5 @@ with job(snakemake.log[0]):
         class_refs_path=snakemake.input.get("class_references"),
         oracle_path=snakemake.input.get("oracle"),
         subject=snakemake.params.subject,
+        clip_options=snakemake.params.clip,
     )

@@ -12,5 +12,5 @@ with job(snakemake.log[0]) as log:
     from conceptbench.runtime import set_threads
 
     set_threads(snakemake.threads)
-    n = index_pool(snakemake.input.pool, ClipEncoder.load(snakemake.input.clip), snakemake.output[0])
+    n = index_pool(snakemake.input.pool, ClipEncoder.load(snakemake.input.clip, **snakemake.params.clip), snakemake.output[0])
     log.info("indexed %d pool images", n)

@@ -12,5 +12,6 @@ with job(snakemake.log[0]) as log:
 
     set_threads(snakemake.threads)
     rows = run_retrieval(snakemake.params.cfg, snakemake.output[0], clip_dir=snakemake.input.get("clip"),
-                         index_dir=snakemake.input.get("index"), pool_dir=snakemake.input.get("pool"))
+                         index_dir=snakemake.input.get("index"), pool_dir=snakemake.input.get("pool"),
+                         clip_options=snakemake.params.clip)
     log.info("retrieved %d images for %r", len(rows), snakemake.params.cfg["prompt"])

@@ -22,4 +22,5 @@ with job(snakemake.log[0]):
         summary_path=snakemake.output.summary,
         threads=snakemake.threads,
         inputs=dict(snakemake.input.items()),
+        model_options=snakemake.params.models,
     )

@@ -20,13 +20,13 @@ class Aesthetic:
 
     needs = ("clip", "aesthetic")
 
-    def __init__(self, models: dict, device: torch.device):
+    def __init__(self, models: dict, device: torch.device, options: dict | None = None):
         from ..metrics.encoders import AestheticScorer, ClipEncoder
 
         missing = [k for k in self.needs if not models.get(k)]
         if missing:
             raise MethodError(f"ddpo: reward 'aesthetic' needs the model folders {missing} (the train rule's inputs clip and aesthetic)")
-        self.clip = ClipEncoder.load(Path(models["clip"]), device)
+        self.clip = ClipEncoder.load(Path(models["clip"]), device, **(options or {}).get("clip", {}))
         self.head = AestheticScorer.load(Path(models["aesthetic"]), device)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -37,10 +37,12 @@ class Aesthetic:
         return self.head.score(embeds)
 
 
-REWARDS = {"aesthetic": Aesthetic, "brightness": lambda models, device: brightness}
+REWARDS = {"aesthetic": Aesthetic, "brightness": lambda models, device, options=None: brightness}
 
 
-def make_reward(name: str, models: dict, device: torch.device):
+def make_reward(name: str, models: dict, device: torch.device, options: dict | None = None):
+    """The reward `name`, its scoring models read from the folders `models` and built as `options` say
+    (by role: {"clip": {"quick_gelu": True}}, the train rule's TrainContext.model_options)."""
     if name not in REWARDS:
         raise MethodError(f"ddpo: unknown args.reward {name!r}; known: {sorted(REWARDS)}")
-    return REWARDS[name](models, device)
+    return REWARDS[name](models, device, options)

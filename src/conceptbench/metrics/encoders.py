@@ -47,10 +47,15 @@ class ClipEncoder:
         self.device, self.batch_size = device, batch_size
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32) -> "ClipEncoder":
+    def load(cls, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32,
+             quick_gelu: bool | None = None) -> "ClipEncoder":
         """Load with open_clip's 'local-dir:' schema, refusing a folder without weights.
 
         open_clip itself only logs a warning and returns a randomly initialised model there.
+        `quick_gelu` (the model entry's key, `clip_options`) sets the activation; None leaves it to the
+        folder's open_clip_config.json. 'local-dir:' reads only that file, not open_clip's pretrained table,
+        which marks OpenAI's weights (trained with QuickGELU) `quick_gelu: True`; the hub folder of
+        timm/vit_large_patch14_clip_224.openai does not say it, so without the key they run with GELU.
         """
         import open_clip
 
@@ -64,7 +69,8 @@ class ClipEncoder:
             )
         device = torch.device(device) if device is not None else default_device()
         name = f"local-dir:{path}"
-        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+        activation = {} if quick_gelu is None else {"quick_gelu": bool(quick_gelu)}  # open_clip's last override
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, **activation)
         return cls(model, preprocess, open_clip.get_tokenizer(name), device, batch_size)
 
     @property

@@ -50,8 +50,8 @@ def reference_files(image_dir) -> list[Path]:
     return files
 
 
-def embed_references(image_dir, clip_path, dino_path, out_path, device=None) -> Path:
-    """Embed every reference PNG once with CLIP and DINOv2.
+def embed_references(image_dir, clip_path, dino_path, out_path, device=None, clip_options: dict | None = None) -> Path:
+    """Embed every reference PNG once with CLIP (built as clip_options say: config.clip_options) and DINOv2.
 
     Writes a safetensors file with unit-norm "clip" [N, Dc] and "dino" [N, Dd] tensors; its
     metadata holds the file names (JSON list, row order) under "files".
@@ -63,7 +63,7 @@ def embed_references(image_dir, clip_path, dino_path, out_path, device=None) -> 
     files = reference_files(image_dir)
     images = [_open_rgb(f) for f in files]
     tensors = {
-        "clip": ClipEncoder.load(clip_path, device).encode_images(images).contiguous(),
+        "clip": ClipEncoder.load(clip_path, device, **(clip_options or {})).encode_images(images).contiguous(),
         "dino": DinoEncoder.load(dino_path, device).encode_images(images).contiguous(),
     }
     metadata = {"files": json.dumps([f.name for f in files])}
@@ -134,6 +134,7 @@ def evaluate_samples(
     class_refs_path=None,
     oracle_path=None,
     subject: str | None = None,
+    clip_options: dict | None = None,
 ) -> pd.DataFrame:
     """Score each sample listed in samples_dir/samples.jsonl and write one CSV row per image.
 
@@ -142,13 +143,14 @@ def evaluate_samples(
     aesthetic_path. class_clip_i and class_dino_i score the prior probe's samples (prompt_set
     "prior") against the class images embedded in class_refs_path. Degenerate images (black, NaN,
     flat) are scored too, but flagged. In the toy world, oracle_path adds the oracle's columns
-    (`world.oracle.score_images`; `subject` is the one to find).
+    (`world.oracle.score_images`; `subject` is the one to find). clip_options: how the CLIP is built
+    (config.clip_options: its model entry's quick_gelu).
     """
     from .encoders import AestheticScorer, ClipEncoder, DinoEncoder
 
     samples_dir = Path(samples_dir)
     rows = read_samples(samples_dir)
-    clip = ClipEncoder.load(clip_path, device)
+    clip = ClipEncoder.load(clip_path, device, **(clip_options or {}))
     wants_dino = dino_path is not None and (refs_path is not None or class_refs_path is not None)
     dino = DinoEncoder.load(dino_path, device) if wants_dino else None
     head = AestheticScorer.load(aesthetic_path, device) if aesthetic_path is not None else None

@@ -151,8 +151,14 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
     groups = method.param_groups()
     params = trainable_tensors(groups)
     optimizer = make_optimizer(cfg, groups)
-    lr_scheduler = get_scheduler(cfg["lr_scheduler"], optimizer, num_warmup_steps=cfg["lr_warmup_steps"],
-                                 num_training_steps=steps)
+    # A step is one optimizer update, except where the method's step is an epoch of several (DDPO): the
+    # loop, its generators and its checkpoints count updates; the config's step counts stay steps.
+    per_step = int(method.updates_per_step())
+    if per_step < 1:
+        raise MethodError(f"{method.name}: updates_per_step() must be at least 1 (got {per_step})")
+    updates = steps * per_step
+    lr_scheduler = get_scheduler(cfg["lr_scheduler"], optimizer, num_warmup_steps=cfg["lr_warmup_steps"] * per_step,
+                                 num_training_steps=updates)
     scaler = runtime.grad_scaler(device, mp)
     setup_seconds = time.perf_counter() - t_setup
 
@@ -164,15 +170,15 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
         restore(state, params, optimizer, lr_scheduler, scaler, method)
         start, spent = state["step"], state["train_seconds"]
         rows = [r for r in read_jsonl(log_file) if r["step"] <= start] if log_file.exists() else []
-        log.info("resuming %s from step %d of %d", method.name, start, steps)
+        log.info("resuming %s from step %d of %d", method.name, start, updates)
     write_jsonl(log_file, rows)
-    losses = LossLog(log_file, steps, rows)
+    losses = LossLog(log_file, updates, rows)
 
-    every_log, every_ckpt = int(cfg["log_every"]), int(cfg["checkpoint_every"])
-    bar = tqdm(total=steps, initial=start, desc=f"train {method.name}", mininterval=1.0)
+    every_log, every_ckpt = int(cfg["log_every"]) * per_step, int(cfg["checkpoint_every"]) * per_step
+    bar = tqdm(total=updates, initial=start, desc=f"train {method.name}", mininterval=1.0)
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    for step in range(start, steps):
+    for step in range(start, updates):
         total = None
         for micro in range(accum):
             g = step_generator(seed, step, micro)
@@ -197,9 +203,9 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
         done = step + 1
         losses.add(done, total / accum, lr)
         bar.update(1)
-        stopping = stop is not None and stop.requested and done < steps  # SIGTERM: checkpoint, then stop
-        ckpt_due = (every_ckpt > 0 and done % every_ckpt == 0 and done < steps) or stopping
-        if done % every_log == 0 or done == steps or ckpt_due:
+        stopping = stop is not None and stop.requested and done < updates  # SIGTERM: checkpoint, then stop
+        ckpt_due = (every_ckpt > 0 and done % every_ckpt == 0 and done < updates) or stopping
+        if done % every_log == 0 or done == updates or ckpt_due:
             row = losses.flush(spent + time.perf_counter() - t0)
             bar.set_postfix(loss=f"{row['last_loss']:.4g}", lr=f"{lr:.3g}")
         if ckpt_due:
@@ -207,7 +213,8 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
             save_checkpoint(work_dir, snapshot(done, fingerprint, seconds, params, optimizer, lr_scheduler,
                                                scaler, method))
         if stopping:
-            raise Preempted(f"SIGTERM after step {done} of {steps}: checkpoint saved in {work_dir}; "
+            unit = f" (optimizer updates, {per_step} per train step)" if per_step > 1 else ""
+            raise Preempted(f"SIGTERM after step {done} of {updates}{unit}: checkpoint saved in {work_dir}; "
                             f"a rerun resumes from step {done}")
         if on_step_end is not None:
             on_step_end(done)
@@ -217,6 +224,7 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
     return dict(
         trainable_params=sum(p.numel() for p in params),
         steps=steps,
+        updates=updates,
         resumed_from_step=start,
         train_seconds=round(spent + time.perf_counter() - t0, 4),
         setup_seconds=round(setup_seconds, 4),
@@ -231,7 +239,7 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
 def run_training(method: Method, spec: dict, base_model: Path, data_dir: Path, class_dir: Path | None,
                  artifact_dir: Path, work_dir: Path, log_path: Path, summary_path: Path, *, threads: int | None = None,
                  device: str | None = None, on_step_end: StepHook | None = None,
-                 inputs: dict | None = None) -> dict:
+                 inputs: dict | None = None, model_options: dict | None = None) -> dict:
     """Train `method` (built from spec["args"] by the caller, e.g. registry.build) on the dataset and write
     the artifact, the loss log and the summary.
 
@@ -239,14 +247,16 @@ def run_training(method: Method, spec: dict, base_model: Path, data_dir: Path, c
     a rerun with the same spec resumes from the last one, which is removed once the artifact is saved.
     `data_dir` may be None for methods that make their own data (DDPO). `device` defaults to CUDA
     when available; `threads` caps torch's CPU threads. `inputs` holds all the rule's named inputs
-    (methods with more than one image folder read theirs from it).
+    (methods with more than one image folder read theirs from it); `model_options` how the scoring models
+    among them are built, by role (DDPO's reward CLIP: config.clip_options).
     """
     runtime.set_threads(threads)
     cfg = train_config(spec)
     ctx = TrainContext(spec=spec, base_model=Path(base_model), data_dir=Path(data_dir) if data_dir else None,
                        class_dir=Path(class_dir) if class_dir else None, device=runtime.pick_device(device),
                        mixed_precision=cfg["mixed_precision"], gradient_checkpointing=cfg["gradient_checkpointing"],
-                       inputs={k: Path(v) for k, v in (inputs or {}).items()})
+                       inputs={k: Path(v) for k, v in (inputs or {}).items()},
+                       model_options=dict(model_options or {}))
     with stop_on_sigterm() as stop:
         summary = train(method, ctx, cfg, Path(work_dir), on_step_end=on_step_end, stop=stop)
 

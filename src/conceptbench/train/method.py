@@ -9,7 +9,7 @@ Life cycle, as core.train drives it:
     method = MethodClass(spec["args"])
     method.setup(ctx)                       # load base models, cache what stays fixed
     groups = method.param_groups()         # fp32 tensors with requires_grad=True
-    for step in range(start, steps):
+    for step in range(start, steps * method.updates_per_step()):  # one update each (DDPO: several a step)
         for micro in range(accumulation):  # g: a CPU torch.Generator seeded from (seed, step, micro)
             batch = method.batch(step, g)  # under no_grad + autocast: data, noise, timesteps
             loss = method.loss(batch, g)   # under autocast, with grad
@@ -58,6 +58,8 @@ class TrainContext:
     inputs: dict[str, Path] = field(default_factory=dict)
     # A base pipeline already built, used instead of loading base_model (the speed benchmark's random weights).
     pipeline: Any = None
+    # How the scoring models among the inputs are built, by role ({"clip": {"quick_gelu": True}}: config.clip_options).
+    model_options: dict[str, dict] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -134,6 +136,12 @@ class Method:
 
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (0-based `step`), outside autocast and without grad."""
+
+    def updates_per_step(self) -> int:
+        """Optimizer updates one of the config's `train.steps` makes (asked after setup): 1, except for a
+        method whose step is an epoch of several updates (DDPO). batch(), loss() and after_step() then
+        get the update's index; checkpoint_every, log_every and lr_warmup_steps still count steps."""
+        return 1
 
     def state_dict(self) -> dict:
         """Extra state to checkpoint besides the trainable tensors (e.g. an EMA target)."""
