@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +44,6 @@ from ..train.method import (
     load_base_pipeline,
     load_image_folder,
     noise_and_target,
-    flip_draws,
     offload,
     tokenize,
 )
@@ -139,19 +139,18 @@ def install_custom_diffusion(unet, state_dict: dict[str, torch.Tensor]) -> None:
     unet.set_attn_processor(procs)
 
 
-def rescale_draws(n: int, size: int, generator: torch.Generator) -> list[tuple[int, int, int, int]]:
+def rescale_draws(n: int, size: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
     """(scale, top, left, word) of n instance images, as the reference draws them: scale in [size/3, size]
     with probability 0.66, else in [1.2 size, 1.4 size); top, left place the smaller image on the canvas
     (or the canvas in the larger image); word picks one of the two size words (used only where one applies)."""
     out = []
     for _ in range(n):
-        if torch.rand((), generator=generator).item() < 0.66:
-            scale = int(torch.randint(size // 3, size + 1, (), generator=generator))
+        if rng.uniform() < 0.66:
+            scale = int(rng.integers(size // 3, size + 1))
         else:
-            scale = int(torch.randint(int(1.2 * size), int(1.4 * size), (), generator=generator))
-        room = abs(scale - size) + 1
-        top, left = (int(v) for v in torch.randint(0, room, (2,), generator=generator))
-        out.append((scale, top, left, int(torch.randint(0, 2, (), generator=generator))))
+            scale = int(rng.integers(int(1.2 * size), int(1.4 * size)))
+        top, left = (int(v) for v in rng.integers(0, abs(scale - size) + 1, size=2))
+        out.append((scale, top, left, int(rng.integers(0, 2))))
     return out
 
 
@@ -300,13 +299,17 @@ class CustomDiffusion(Method):
         with class images, as train_custom_diffusion.py doubles the scaled rate with prior preservation."""
         return batch_size * len(self.instance) * (2 if self.klass else 1)
 
-    def _augmented(self, images: torch.Tensor, generator: torch.Generator):
-        """batch_size rescaled instance images: (latents, masks [n, 1, h, w], size-word index per image)."""
+    def _augmented(self, images: torch.Tensor, concept: int, generator: torch.Generator):
+        """batch_size rescaled instance images: (latents, masks [n, 1, h, w], size-word index per image).
+
+        The choices (image, flip, scale, place, word) are Python numbers: a numpy generator seeded by the
+        step's generator and the concept draws them, so the loop reads no tensor on the host."""
         n, size = self.batch_size, self.resolution
-        idx = torch.randint(0, images.shape[0], (n,), generator=generator)
-        flips = flip_draws(n, generator) if self.flip else torch.zeros(n, dtype=torch.bool)
+        rng = np.random.default_rng([generator.initial_seed(), concept])
+        idx = rng.integers(0, images.shape[0], size=n).tolist()
+        flips = (rng.integers(0, 2, size=n) == 1).tolist() if self.flip else [False] * n
         pixels, masks, words = [], [], []
-        for i, flip, (scale, top, left, word) in zip(idx.tolist(), flips.tolist(), rescale_draws(n, size, generator)):
+        for i, flip, (scale, top, left, word) in zip(idx, flips, rescale_draws(n, size, rng)):
             image = images[i].flip(-1) if flip else images[i]
             canvas, mask = rescale(image, scale, top, left, self.factor)
             pixels.append(canvas)
@@ -317,24 +320,23 @@ class CustomDiffusion(Method):
 
     def batch(self, step: int, generator: torch.Generator) -> dict:
         """batch_size instance images per concept, then as many class images per concept."""
-        latents, which, masks = [], [], []
+        latents, which, masks = [], [], []  # which: each row's index into self.prompts (CPU tensors)
         for i, part in enumerate(self.instance):
             if self.augment:
-                lat, mask, words = self._augmented(part, generator)
+                lat, mask, words = self._augmented(part, i, generator)
                 masks.append(mask)
-                which += [self.prompt_start[i] + w for w in words]
+                which.append(self.prompt_start[i] + torch.tensor(words))
             else:
                 lat = part.draw(self.batch_size, generator)
-                which += [self.prompt_start[i]] * self.batch_size
+                which.append(torch.full((self.batch_size,), self.prompt_start[i]))
             latents.append(lat)
         for j, part in enumerate(self.klass):
             rows = part.indices(self.batch_size, generator)
             latents.append(part.draw_rows(rows, generator))
-            which += (self.prompt_start[len(self.instance) + j] + rows % len(part)).tolist()
+            which.append(self.prompt_start[len(self.instance) + j] + rows % len(part))
         noisy, timesteps, target = noise_and_target(self.noise_scheduler, torch.cat(latents), generator)
         return dict(noisy=noisy, timesteps=timesteps, target=target, n_instance=self.batch_size * len(self.instance),
-                    prompt_index=torch.tensor(which, device=self.device),
-                    mask=torch.cat(masks) if masks else None)
+                    prompt_index=torch.cat(which).to(self.device), mask=torch.cat(masks) if masks else None)
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         cond = self.text_encoder(self.prompt_ids[batch["prompt_index"]])[0]
