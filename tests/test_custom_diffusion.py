@@ -81,7 +81,10 @@ def test_multi_concept_trains_two_modifier_tokens_jointly(tiny_pipeline_dir, ins
     method, ctx, spec = make(tiny_pipeline_dir, instance_dir, class_dir, inputs=inputs, extra_concepts=extra)
     method.setup(ctx)
     batch = method.batch(0, torch.Generator().manual_seed(0))
-    assert batch["prompt_index"].tolist() == [0, 1, 2, 3] and batch["n_instance"] == 2
+    prompts = [method.prompts[i] for i in batch["prompt_index"].tolist()]
+    assert prompts[0].endswith("photo of a <new1> cat") and prompts[1].endswith("photo of a <new2> sofa")
+    assert prompts[2] == "cat" and prompts[3].startswith("a cat, crop ")  # class_images_1 has captions
+    assert batch["n_instance"] == 2
     initial = method.tokens.vectors.detach().clone()
     method.setup = lambda ctx: None
     train(method, ctx, train_config(spec), tmp_path / "work")
@@ -112,3 +115,110 @@ def test_argument_errors(tiny_pipeline_dir, instance_dir, class_dir):
         method, ctx, _ = make(tiny_pipeline_dir, instance_dir, class_dir, **args)
         with pytest.raises(MethodError, match=message):
             method.setup(ctx)
+
+
+def test_rescale_places_the_image_and_masks_its_inner_cells():
+    from conceptbench.methods.custom_diffusion import rescale
+
+    image = torch.rand(3, 64, 64) * 2 - 1
+    canvas, mask = rescale(image, scale=30, top=4, left=10, factor=2)  # 64 px, latents 32 x 32
+    assert canvas.shape == (3, 64, 64) and mask.shape == (32, 32)
+    assert canvas[:, :4].abs().sum() == 0 and canvas[:, 34:].abs().sum() == 0 and canvas[:, :, :10].abs().sum() == 0
+    assert canvas[:, 4:34, 10:40].abs().sum() > 0
+    rows, cols = mask.nonzero()[:, 0], mask.nonzero()[:, 1]
+    # cells top//f + 1 .. (top + scale)//f - 2: one cell in from the image's edge on every side
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (3, 15, 6, 18)
+    assert mask.sum() == 13 * 13
+    big, full = rescale(image, scale=80, top=5, left=7, factor=2)
+    assert big.shape == (3, 64, 64) and full.sum() == 32 * 32
+
+
+def test_rescale_draws_and_size_words_follow_the_reference():
+    from conceptbench.methods.custom_diffusion import LARGE_PREFIXES, SMALL_PREFIXES, rescale_draws, size_word
+
+    import numpy as np
+
+    draws = rescale_draws(3000, 64, np.random.default_rng(0))
+    scales = torch.tensor([d[0] for d in draws])
+    small = scales <= 64
+    assert 0.62 < small.float().mean() < 0.70  # two draws in three shrink
+    assert scales[small].min() >= 21 and scales[small].max() <= 64  # [R/3, R]
+    assert scales[~small].min() >= 76 and scales[~small].max() <= 88  # [1.2R, 1.4R)
+    for scale, top, left, _ in draws:
+        assert 0 <= top <= abs(scale - 64) and 0 <= left <= abs(scale - 64)
+    assert [size_word(s, 64, w) for s, w in [(38, 0), (38, 1), (39, 0), (64, 1), (65, 0), (65, 1)]] == [1, 2, 0, 0, 3, 4]
+    assert SMALL_PREFIXES == ("a far away ", "very small ") and LARGE_PREFIXES == ("zoomed in ", "close up ")
+
+
+def test_masked_instance_loss_sums_channels_over_the_masked_cells():
+    from conceptbench.methods.custom_diffusion import custom_diffusion_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    ones = torch.ones(2, 1, 8, 8)
+    prior = torch.nn.functional.mse_loss(pred[2:], target[2:])
+    inst = torch.nn.functional.mse_loss(pred[:2], target[:2])
+    # The reference's mask sum has one channel, the error four: 4 x the MSE where the mask is full.
+    torch.testing.assert_close(custom_diffusion_loss(pred, target, 2, 0.5, ones), 4 * inst + 0.5 * prior)
+    torch.testing.assert_close(custom_diffusion_loss(pred, target, 2, 0.5), inst + 0.5 * prior)
+    mask = ones.clone()
+    mask[:, :, :, 4:] = 0
+    moved = pred.clone()
+    moved[:2, :, :, 4:] += 10.0  # outside the mask: no effect
+    assert custom_diffusion_loss(moved, target, 2, 0.5, mask) == custom_diffusion_loss(pred, target, 2, 0.5, mask)
+    per_image = ((pred[:2, :, :, :4] - target[:2, :, :, :4]) ** 2).sum((1, 2, 3)) / 32
+    torch.testing.assert_close(custom_diffusion_loss(pred, target, 2, 0.0, mask), per_image.mean())
+
+
+def test_augmented_batches_pair_each_prompt_with_its_scale(tiny_pipeline_dir, instance_dir, class_dir):
+    method, ctx, spec = make(tiny_pipeline_dir, instance_dir, class_dir)
+    spec["train"]["batch_size"] = 2
+    method.setup(ctx)
+    assert method.augment and method.instance[0].shape == (3, 3, 64, 64)  # pixels, rescaled every step
+    seen = set()
+    for step in range(12):
+        g = torch.Generator().manual_seed(step)
+        batch = method.batch(step, g)
+        assert batch["mask"].shape == (2, 1, 32, 32) and batch["noisy"].shape[0] == 4
+        for row, mask in zip(batch["prompt_index"][:2].tolist(), batch["mask"]):
+            prompt = method.prompts[row]
+            assert prompt.endswith("photo of a <new1> cat")
+            word = prompt[: -len("photo of a <new1> cat")]
+            seen.add(word)
+            if word in ("zoomed in ", "close up "):
+                assert mask.sum() == 32 * 32  # larger than the canvas: every cell counts
+            else:
+                assert 0 < mask.sum() < 31 * 31  # on the canvas: its cells only, one in from the edge
+    assert len(seen) >= 3, seen
+    plain, ctx, spec = make(tiny_pipeline_dir, instance_dir, class_dir, augment=False)
+    spec["train"]["batch_size"] = 2
+    plain.setup(ctx)
+    batch = plain.batch(0, torch.Generator().manual_seed(0))
+    assert batch["mask"] is None and [plain.prompts[i] for i in batch["prompt_index"][:2]] == ["photo of a <new1> cat"] * 2
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_class_images_train_with_their_own_captions(tiny_pipeline_dir, instance_dir, own):
+    # instance_dir stands in for retrieved images: its metadata.jsonl gives "a cat, crop i" for image i
+    method, ctx, spec = make(tiny_pipeline_dir, instance_dir, instance_dir, class_captions=own, augment=False)
+    spec["train"]["batch_size"] = 2
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    batch = method.batch(0, g)
+    g = torch.Generator().manual_seed(0)
+    method.instance[0].indices(2, g)
+    method.instance[0].draw_rows(torch.zeros(2, dtype=torch.long), g)
+    drawn = method.klass[0].indices(2, g).tolist()  # the class images this batch drew
+    prompts = [method.prompts[i] for i in batch["prompt_index"][2:].tolist()]
+    assert prompts == ([f"a cat, crop {i}" for i in drawn] if own else ["cat", "cat"])
+
+
+def test_scale_lr_counts_the_class_half(tiny_pipeline_dir, instance_dir, class_dir, tmp_path):
+    # train_custom_diffusion.py --scale_lr: lr x accumulation x batch, doubled with prior preservation
+    method, ctx, spec = make(tiny_pipeline_dir, instance_dir, class_dir, augment=False)
+    spec["train"].update(steps=1, scale_lr=True, batch_size=2, learning_rate=1e-5)
+    train(method, ctx, train_config(spec), tmp_path / "work")
+    from conceptbench.io import read_jsonl
+
+    assert read_jsonl(tmp_path / "work" / "loss_log.jsonl")[0]["lr"] == pytest.approx(1e-5 * 2 * 2)
+    assert method.scaled_batch(2) == 4

@@ -107,3 +107,22 @@ def test_lcm_sampling_makes_exactly_four_unet_calls(tiny_pipeline_dir, caption_d
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert calls == [1, 1, 1, 1]  # 4 steps, no classifier-free guidance batch: w goes in through the embedding
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_the_studys_lcm_trains_batches_of_12_without_weight_decay(tiny_pipeline_dir, caption_dir, tmp_path,
+                                                                    monkeypatch):
+    """config/config.yaml's LCM as the README command runs it: 12 images a batch, AdamW without weight decay."""
+    from pathlib import Path
+
+    from conceptbench import config as cb
+    from conceptbench.train import core
+
+    study = cb.resolve_variant(cb.load(Path(__file__).resolve().parents[1] / "config/config.yaml"), "lcm", "loss-l2")
+    spec = {**SPEC, "train": {**study["train"], "steps": 1, "checkpoint_every": 0}}
+    made, real = [], core.make_optimizer
+    monkeypatch.setattr(core, "make_optimizer", lambda cfg, groups: made.append(real(cfg, groups)) or made[-1])
+    method, ctx = make(spec, tiny_pipeline_dir, caption_dir)
+    train(method, ctx, train_config(spec), tmp_path / "work")
+    assert method.batch(0, torch.Generator().manual_seed(0))["x_t"].shape[0] == 12
+    assert [g["weight_decay"] for g in made[0].param_groups] == [0.0]
+    assert made[0].param_groups[0]["lr"] == 1e-6

@@ -109,10 +109,12 @@ def test_the_adapter_init_follows_the_seed_not_the_process_history(tiny_pipeline
     assert not all(torch.equal(v, other[k]) for k, v in first.items())
 
 
-def test_cached_encodings_train_as_encoding_each_batch(tiny_pipeline_dir, caption_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flip", [False, True])
+def test_cached_encodings_train_as_encoding_each_batch(tiny_pipeline_dir, caption_dir, tmp_path, monkeypatch, flip):
     """With cache_latents the VAE encodes each image once, at setup, not each step, and 4 steps end where
     4 steps of encoding every batch end: the same images and noise drawn, encodings equal up to float
-    rounding (a chunk of 4 images against batches of 2)."""
+    rounding (a chunk of 4 images against batches of 2). With train.random_flip the cache holds the
+    mirrored images' encodings too, and both paths mirror the same draws."""
     from diffusers import AutoencoderKL
 
     encodes = []
@@ -121,7 +123,8 @@ def test_cached_encodings_train_as_encoding_each_batch(tiny_pipeline_dir, captio
     adapters, calls = {}, {}
     for cache in (False, True):
         spec = {"experiment": "lora", "variant": "rank-4", "method": "lora", "seed": 0, "resolution": 64,
-                "train": {"steps": 4, "learning_rate": 1e-2, "batch_size": 2, "checkpoint_every": 0},
+                "train": {"steps": 4, "learning_rate": 1e-2, "batch_size": 2, "checkpoint_every": 0,
+                          "random_flip": flip},
                 "args": {"rank": 4, "cache_latents": cache}}
         method = LoRA(spec["args"])
         ctx = TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=caption_dir, class_dir=None,
@@ -130,10 +133,33 @@ def test_cached_encodings_train_as_encoding_each_batch(tiny_pipeline_dir, captio
         train(method, ctx, train_config(spec), tmp_path / f"work-{cache}")
         adapters[cache] = {k: v for k, v in method.unet.state_dict().items() if "lora" in k}
         calls[cache] = list(encodes)
-    assert calls == {False: [2, 2, 2, 2], True: [4]}  # a batch per step; the 4 images once
+    assert calls == {False: [2, 2, 2, 2], True: [4, 4] if flip else [4]}  # a batch per step; the 4 images once
     for k, v in adapters[False].items():
         torch.testing.assert_close(adapters[True][k], v, atol=1e-5, rtol=1e-4)
     assert all(v.abs().sum() > 0 for k, v in adapters[True].items() if "lora_B" in k)  # trained away from zero
+
+
+def test_random_flip_mirrors_the_images_drawn(tiny_pipeline_dir, caption_dir):
+    """A flipped draw is the encoding of the mirrored image (not the mirrored latent), and about half are flipped."""
+    from conceptbench.methods._captioned import CaptionedImages, EncodedCaptions
+    from conceptbench.train.method import encode_latent_distribution
+
+    pipe = load_base_pipeline(tiny_pipeline_dir)
+    data = CaptionedImages(caption_dir, 64)
+    cached = EncodedCaptions(data, pipe.vae, pipe.tokenizer, pipe.text_encoder, torch.device("cpu"), flip=True)
+    pixels = torch.stack([data.load(i) for i in range(len(data))])
+    mirrored, _ = encode_latent_distribution(pipe.vae, pixels.flip(-1), torch.device("cpu"))
+    torch.testing.assert_close(cached.mean[len(data):], mirrored, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(mirrored, cached.mean[: len(data)].flip(-1), atol=1e-3)  # the VAE is no mirror
+    g = torch.Generator().manual_seed(0)
+    drawn, _ = data.draw(64, g, flip=True)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(data), (64,), generator=g)
+    flips = torch.randint(0, 2, (64,), generator=g).bool()
+    assert 16 < int(flips.sum()) < 48
+    for k in range(64):
+        expect = data.load(int(idx[k]))
+        assert torch.equal(drawn[k], expect.flip(-1) if flips[k] else expect)
 
 
 def test_adapter_stays_fp32_over_a_bf16_base(tiny_pipeline_dir, caption_dir, tmp_path):

@@ -48,6 +48,21 @@ def test_returns_the_planted_nearest_images_best_first(pool, tmp_path):
     assert read_jsonl(tmp_path / "out/metadata.jsonl")[0]["text"] == "red"
 
 
+def test_retrieved_images_keep_their_pool_captions(pool, tmp_path):
+    # Custom Diffusion trains each retrieved image with its own caption, as the reference's --real_prior
+    # reads caption.txt: the rows carry the pool's caption, the query apart; an uncaptioned image gets the query.
+    from conceptbench.io import write_jsonl
+
+    captions = [{"file_name": f"{i:06d}.png", "text": "" if name == "dark_red" else f"a {name} square"}
+                for i, name in enumerate(COLORS)]
+    write_jsonl(pool / "metadata.jsonl", captions)
+    index_pool(pool, ColorEncoder(), tmp_path / "index")
+    rows = retrieve_from_index("red", 3, tmp_path / "index", pool, ColorEncoder(), tmp_path / "out")
+    written = read_jsonl(tmp_path / "out/metadata.jsonl")
+    assert [r["text"] for r in written] == ["a red square", "red", "a orange square"]
+    assert {r["query"] for r in rows} == {"red"}
+
+
 def test_asking_for_more_than_the_pool_holds_is_an_error(pool, tmp_path):
     index_pool(pool, ColorEncoder(), tmp_path / "index")
     with pytest.raises(DataError, match="class_images.count 7 exceeds the 6 images"):

@@ -94,3 +94,25 @@ def test_argument_errors(tiny_pipeline_dir, instance_dir):
         else:
             with pytest.raises(MethodError, match=message):
                 method.setup(ctx)
+
+
+def test_the_studys_textual_inversion_scales_its_rate_and_clips_nothing(tiny_pipeline_dir, instance_dir, tmp_path,
+                                                                        monkeypatch):
+    """config/config.yaml's Textual Inversion as the README command runs it: 5e-4 x accumulation 4 x batch 1
+    = 2e-3, four micro-batches a step, no gradient clipping."""
+    from pathlib import Path
+
+    from conceptbench import config as cb
+    from conceptbench.io import read_jsonl
+
+    study = cb.resolve_variant(cb.load(Path(__file__).resolve().parents[1] / "config/config.yaml"),
+                               "textual_inversion", "vectors-1")
+    method, ctx, spec = make(tiny_pipeline_dir, instance_dir)
+    spec["train"] = {**study["train"], "steps": 1, "checkpoint_every": 0, "log_every": 1}
+    clipped, batches = [], []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(a))
+    real = TextualInversion.batch
+    monkeypatch.setattr(TextualInversion, "batch", lambda self, *a: batches.append(a) or real(self, *a))
+    train(method, ctx, train_config(spec), tmp_path / "work")
+    assert read_jsonl(tmp_path / "work" / "loss_log.jsonl")[0]["lr"] == pytest.approx(2e-3)
+    assert clipped == [] and len(batches) == 4

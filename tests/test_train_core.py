@@ -154,6 +154,56 @@ def test_mixed_precision_keeps_fp32_trainables(tmp_path, precision):
     assert summary["mixed_precision"] == precision and len(rows) == 6
 
 
+def test_scale_lr_multiplies_by_accumulation_and_batch(tmp_path):
+    # diffusers' --scale_lr on one GPU: lr x gradient_accumulation_steps x train_batch_size
+    _, _, plain = toy_run(tmp_path / "a", gradient_accumulation_steps=4, batch_size=3)
+    _, _, scaled = toy_run(tmp_path / "b", gradient_accumulation_steps=4, batch_size=3, scale_lr=True)
+    assert {r["lr"] for r in plain} == {0.05}
+    assert [r["lr"] for r in scaled] == pytest.approx([0.05 * 4 * 3] * 6)
+
+
+def test_a_method_counts_its_batch_for_scale_lr(tmp_path):
+    class Doubled(Toy):
+        def scaled_batch(self, batch_size):
+            return 2 * batch_size
+
+    spec = {"seed": 0, "train": {"steps": 1, "learning_rate": 0.05, "scale_lr": True, "batch_size": 2,
+                                 "checkpoint_every": 0, "log_every": 1}}
+    ctx = TrainContext(spec=spec, base_model=tmp_path, data_dir=tmp_path, class_dir=None,
+                       device=torch.device("cpu"), mixed_precision="no")
+    train(Doubled({}), ctx, train_config(spec), tmp_path / "work")
+    assert read_jsonl(tmp_path / "work" / "loss_log.jsonl")[0]["lr"] == pytest.approx(0.05 * 2 * 2)
+
+
+def test_max_grad_norm_null_clips_nothing(tmp_path, monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    toy_run(tmp_path / "a", steps=2, checkpoint_every=0)
+    assert calls == [1.0, 1.0]  # the schema's default clips every step
+    calls.clear()
+    toy_run(tmp_path / "b", steps=2, checkpoint_every=0, max_grad_norm=None)
+    assert calls == []
+
+
+def test_image_latents_encode_the_mirrored_images_and_draw_both(tiny_pipeline_dir, instance_dir):
+    from conceptbench.train.method import (ImageLatents, encode_latent_distribution, load_base_pipeline,
+                                           load_image_folder, sample_latents)
+
+    vae = load_base_pipeline(tiny_pipeline_dir).vae
+    images = load_image_folder(instance_dir, 64)
+    cpu = torch.device("cpu")
+    plain, flipped = ImageLatents(vae, images, cpu), ImageLatents(vae, images, cpu, flip=True)
+    mirrored, _ = encode_latent_distribution(vae, images.flip(-1), cpu)
+    torch.testing.assert_close(flipped.mean[3:], mirrored, atol=1e-5, rtol=1e-4)
+    # Without flips a draw takes the generator's values as before flips existed: indices, then noise.
+    g, h = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 3, (5,), generator=h)
+    assert torch.equal(plain.draw(5, g), sample_latents(plain.mean[idx], plain.std[idx], h))
+    rows = flipped.indices(200, torch.Generator().manual_seed(1))
+    assert 60 < int((rows >= 3).sum()) < 140 and set(rows.tolist()) == set(range(6))
+
+
 def test_config_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown train settings"):
         train_config({"train": {"steps": 1, "learning_rate": 1.0, "checkpointing_every": 3}})

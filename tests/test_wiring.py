@@ -62,12 +62,15 @@ def test_dreambooth_conditions_instance_rows_on_the_instance_prompt_and_class_ro
         torch.testing.assert_close(cond[row], expected[prompt])
 
 
-def test_custom_diffusion_conditions_each_concepts_rows_on_its_own_prompts(tiny_pipeline_dir, instance_dir, class_dir):
-    """Catches instance and class prompts swapped, and concept i's rows given concept j's prompt."""
+@pytest.mark.parametrize("augment", [False, True])
+def test_custom_diffusion_conditions_each_concepts_rows_on_its_own_prompts(tiny_pipeline_dir, instance_dir, class_dir,
+                                                                           augment):
+    """Catches instance and class prompts swapped, and concept i's rows given concept j's prompt (with the
+    augmentation's size words in front of an instance prompt, or none)."""
     from conceptbench.methods.custom_diffusion import CustomDiffusion
 
     args = {"modifier_token": "<new1>", "initializer_token": "cat", "instance_prompt": "photo of a <new1> cat",
-            "class_prompt": "cat", "train_params": "crossattn_kv", "prior_loss_weight": 1.0,
+            "class_prompt": "cat", "train_params": "crossattn_kv", "prior_loss_weight": 1.0, "augment": augment,
             "extra_concepts": [{"data": "toy", "modifier_token": "<new2>", "initializer_token": "toy",
                                 "instance_prompt": "photo of a <new2> toy", "class_prompt": "toy"}]}
     spec = {"seed": 0, "resolution": 64, "train": {"batch_size": 1}, "args": args}
@@ -78,7 +81,11 @@ def test_custom_diffusion_conditions_each_concepts_rows_on_its_own_prompts(tiny_
     g = torch.Generator().manual_seed(0)
     batch = method.batch(0, g)
     method.loss(batch, g)
-    prompts = ["photo of a <new1> cat", "photo of a <new2> toy", "cat", "toy"]  # instances, then classes
+    prompts = [method.prompts[i] for i in batch["prompt_index"].tolist()]
+    assert prompts[0].endswith("photo of a <new1> cat") and prompts[1].endswith("photo of a <new2> toy")
+    assert prompts[2:] == ["cat", "toy"]  # instances, then classes (class_dir has no captions: the class prompt)
+    if not augment:
+        assert prompts[:2] == ["photo of a <new1> cat", "photo of a <new2> toy"]
     with torch.no_grad():
         expected = method.text_encoder(tokenize(method.tokenizer, prompts).to(method.device))[0]
     assert batch["n_instance"] == 2

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import read_prepared
 from .images import DataError, center_square, image_files, load_rgb, to_rgb
 from .io import atomic_path, read_json, write_json, write_jsonl
 
@@ -63,7 +64,8 @@ def index_pool(pool_dir: Path, encoder, out_dir: Path, chunk: int = 256) -> int:
 
 
 def retrieve_from_index(prompt: str, count: int, index_dir: Path, pool_dir: Path, encoder, out_dir: Path) -> list[dict]:
-    """Copy the `count` pool images nearest to `prompt` into out_dir as 000000.png ... + metadata.jsonl."""
+    """Copy the `count` pool images nearest to `prompt` into out_dir as 000000.png ... + metadata.jsonl, each
+    with its caption in the pool (the prompt where it has none): Custom Diffusion trains each with it."""
     import faiss
 
     meta = read_json(Path(index_dir) / META_FILE)
@@ -73,13 +75,16 @@ def retrieve_from_index(prompt: str, count: int, index_dir: Path, pool_dir: Path
     if query.shape[0] != meta["dim"]:
         raise DataError(f"{index_dir}: index of {meta['dim']}-d embeddings, but the CLIP gives {query.shape[0]}-d")
     ids, scores = top_k(faiss.read_index(str(Path(index_dir) / INDEX_FILE)), query, count)
+    captions = {path.name: (text or "").strip() for path, text in read_prepared(pool_dir)} \
+        if (Path(pool_dir) / "metadata.jsonl").is_file() else {}
     rows = []
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for rank, (i, score) in enumerate(zip(ids, scores)):
             name = f"{rank:06d}.png"
             shutil.copyfile(Path(pool_dir) / meta["files"][i], tmp / name)
-            rows.append({"file_name": name, "text": prompt, "source": meta["files"][i], "score": score})
+            rows.append({"file_name": name, "text": captions.get(meta["files"][i]) or prompt, "query": prompt,
+                         "source": meta["files"][i], "score": score})
         write_jsonl(tmp / "metadata.jsonl", rows)
     return rows
 
@@ -105,7 +110,8 @@ def knn_query(url: str, indice_name: str, prompt: str, count: int, timeout: floa
 
 def retrieve_from_service(prompt: str, count: int, url: str, indice_name: str, resolution: int, out_dir: Path,
                           timeout: float = 10.0) -> list[dict]:
-    """Download the first `count` readable images the knn service returns, center-cropped to resolution."""
+    """Download the first `count` readable images the knn service returns, center-cropped to resolution, each
+    with the caption the service gives (as diffusers' examples/custom_diffusion/retrieve.py keeps it)."""
     from PIL import Image
 
     hits = knn_query(url, indice_name, prompt, 2 * count)
@@ -123,7 +129,8 @@ def retrieve_from_service(prompt: str, count: int, url: str, indice_name: str, r
                 continue
             name = f"{len(rows):06d}.png"
             center_square(img, resolution).save(tmp / name)
-            rows.append({"file_name": name, "text": prompt, "source": hit["url"], "score": hit.get("similarity")})
+            rows.append({"file_name": name, "text": (hit.get("caption") or "").strip() or prompt, "query": prompt,
+                         "source": hit["url"], "score": hit.get("similarity")})
         if len(rows) < count:
             raise DataError(f"knn service {url}: only {len(rows)} of {count} images for {prompt!r} could be downloaded")
         write_jsonl(tmp / "metadata.jsonl", rows)

@@ -37,10 +37,14 @@ class CaptionedImages:
             img = center_square(img, self.resolution)
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
-    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        """n random (image, caption) pairs, with replacement: ([n, 3, R, R], captions)."""
+    def draw(self, n: int, generator: torch.Generator, flip: bool = False) -> tuple[torch.Tensor, list[str]]:
+        """n random (image, caption) pairs, with replacement: ([n, 3, R, R], captions); with `flip`
+        each image mirrored left-right with probability 0.5."""
+        from ..train.method import random_flips
+
         idx = torch.randint(0, len(self.pairs), (n,), generator=generator).tolist()
-        return torch.stack([self.load(i) for i in idx]), [self.pairs[i][1] for i in idx]
+        pixels = torch.stack([self.load(i) for i in idx])
+        return random_flips(pixels, generator) if flip else pixels, [self.pairs[i][1] for i in idx]
 
 
 def load_captioned(owner: str, ctx):
@@ -69,33 +73,43 @@ class EncodedCaptions:
     For a small captioned set trained for many steps (the study's LoRA: 1,221 Naruto images, 15,000
     steps) each image is encoded once instead of about twelve times, and PNG decoding, the VAE encoder
     and the text encoder leave the training loop. `draw` consumes the generator exactly as
-    CaptionedImages.draw followed by encode_batch does (indices, then the latent noise), so each step
-    draws the same images and the same noise. Held on the device: 2 · 4 · (R/8)² fp32 values per image
-    and 77 × the text width per caption (for SD v1.5 at 512², about 0.37 MB an image).
+    CaptionedImages.draw followed by encode_batch does (indices, flips, then the latent noise), so each
+    step draws the same images and the same noise. With `flip` the mirrored images are encoded as well
+    (their latents are at rows N..2N-1). Held on the device: 2 · 4 · (R/8)² fp32 values per image
+    (twice that with flip) and 77 × the text width per caption (for SD v1.5 at 512², about 0.37 MB an image).
     """
 
     @torch.no_grad()
-    def __init__(self, data: CaptionedImages, vae, tokenizer, text_encoder, device: torch.device, chunk: int = 8):
+    def __init__(self, data: CaptionedImages, vae, tokenizer, text_encoder, device: torch.device, chunk: int = 8,
+                 flip: bool = False):
         from ..train.method import encode_latent_distribution, encode_prompts
 
-        means, stds, conds = [], [], []
+        means, stds, conds, mirrored = [], [], [], []
         for start in range(0, len(data), chunk):
             idx = range(start, min(start + chunk, len(data)))
-            mean, std = encode_latent_distribution(vae, torch.stack([data.load(i) for i in idx]), device, chunk)
+            pixels = torch.stack([data.load(i) for i in idx])
+            mean, std = encode_latent_distribution(vae, pixels, device, chunk)
             means.append(mean)
             stds.append(std)
+            if flip:
+                mirrored.append(encode_latent_distribution(vae, pixels.flip(-1), device, chunk))
             conds.append(encode_prompts(tokenizer, text_encoder, [data.pairs[i][1] for i in idx]))
+        means += [m for m, _ in mirrored]
+        stds += [s for _, s in mirrored]
         self.mean, self.std, self.cond = torch.cat(means), torch.cat(stds), torch.cat(conds)
+        self.flip = flip
 
     def __len__(self) -> int:
-        return len(self.mean)
+        return len(self.cond)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.mean, self.std, self.cond))
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """n random (latents, caption embedding) pairs, with replacement."""
-        from ..train.method import sample_latents
+        """n random (latents, caption embedding) pairs, with replacement (mirrored with probability 0.5 with flip)."""
+        from ..train.method import flip_draws, sample_latents
 
-        idx = torch.randint(0, len(self), (n,), generator=generator).to(self.mean.device)
-        return sample_latents(self.mean[idx], self.std[idx], generator), self.cond[idx]
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        rows = idx + len(self) * flip_draws(n, generator).long() if self.flip else idx
+        idx, rows = idx.to(self.cond.device), rows.to(self.mean.device)
+        return sample_latents(self.mean[rows], self.std[rows], generator), self.cond[idx]

@@ -14,18 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from ..train.method import (
+    ImageLatents,
     Method,
     assemble_pipeline,
     MethodError,
     TrainContext,
     base_pipeline,
-    encode_latent_distribution,
     encode_prompts,
     load_base_pipeline,
     load_image_folder,
     noise_and_target,
     offload,
-    sample_latents,
     tokenize,
 )
 
@@ -73,18 +72,19 @@ class DreamBooth(Method):
         self.text_encoder.requires_grad_(self.train_text_encoder)
         self.unet.requires_grad_(True).train()
 
-        # Latent distributions of the images never change: encode once, draw a latent per step.
+        # Latent distributions of the images never change: encode once (mirrored too with train.random_flip),
+        # draw a latent per step.
         if ctx.data_dir is None:
             raise MethodError("dreambooth: needs a folder of instance images")
         images = load_image_folder(ctx.data_dir, ctx.resolution)
-        self.instance = encode_latent_distribution(self.vae, images, ctx.device)
+        self.instance = ImageLatents(self.vae, images, ctx.device, ctx.random_flip)
         self.use_prior = ctx.class_dir is not None and self.prior_weight > 0
         if self.use_prior:
             if not self.class_prompt:
                 raise MethodError("dreambooth: prior preservation (class images, prior_loss_weight > 0) "
                                   "needs args.class_prompt")
-            self.klass = encode_latent_distribution(self.vae, load_image_folder(ctx.class_dir, ctx.resolution),
-                                                    ctx.device)
+            self.klass = ImageLatents(self.vae, load_image_folder(ctx.class_dir, ctx.resolution), ctx.device,
+                                      ctx.random_flip)
         offload(self.vae)
 
         prompts = [self.instance_prompt] + ([self.class_prompt] if self.use_prior else [])
@@ -110,9 +110,8 @@ class DreamBooth(Method):
         """batch_size instance images (+ as many class images), noised at random timesteps."""
         parts = [self.instance] + ([self.klass] if self.use_prior else [])
         latents, which = [], []
-        for i, (mean, std) in enumerate(parts):
-            idx = torch.randint(0, mean.shape[0], (self.batch_size,), generator=generator).to(mean.device)
-            latents.append(sample_latents(mean[idx], std[idx], generator))
+        for i, part in enumerate(parts):
+            latents.append(part.draw(self.batch_size, generator))
             which += [i] * self.batch_size
         noisy, timesteps, target = noise_and_target(self.noise_scheduler, torch.cat(latents), generator)
         return dict(noisy=noisy, timesteps=timesteps, target=target, n_instance=self.batch_size,

@@ -102,7 +102,7 @@ class LCM(Method):
         self.cond_dim = int(self.arg("time_cond_proj_dim"))
         self.timestep_scaling = float(self.arg("timestep_scaling"))
         self.num_ddim = int(self.arg("num_ddim_timesteps"))
-        self.device, self.batch_size = ctx.device, ctx.batch_size
+        self.device, self.batch_size, self.flip = ctx.device, ctx.batch_size, ctx.random_flip
         self.data, pipe = load_captioned(self.name, ctx)
         self.tokenizer, self.text_encoder, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.vae
         self.base_scheduler_config = pipe.scheduler.config
@@ -140,7 +140,7 @@ class LCM(Method):
 
     def batch(self, step: int, generator: torch.Generator) -> dict:
         """Noisy latents at t_n, the guidance embedding, and the EMA target's output after the teacher's DDIM step."""
-        pixels, captions = self.data.draw(self.batch_size, generator)
+        pixels, captions = self.data.draw(self.batch_size, generator, self.flip)
         latents = encode_batch(self.vae, pixels, generator)
         n, dev = latents.shape[0], self.device
         noise = torch.randn(latents.shape, generator=generator).to(dev)

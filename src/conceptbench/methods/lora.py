@@ -71,7 +71,7 @@ class LoRA(Method):
 
         self.rank = int(self.arg("rank"))
         self.snr_gamma = self.arg("snr_gamma")
-        self.device, self.batch_size = ctx.device, ctx.batch_size
+        self.device, self.batch_size, self.flip = ctx.device, ctx.batch_size, ctx.random_flip
         self.data, pipe = load_captioned(self.name, ctx)
         self.tokenizer, self.text_encoder, self.vae, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -81,7 +81,8 @@ class LoRA(Method):
                                self.arg("target_modules") or DEFAULT_TARGETS)
         self.encoded = None
         if self.arg("cache_latents"):  # encode every image and caption once (see EncodedCaptions)
-            self.encoded = EncodedCaptions(self.data, self.vae, self.tokenizer, self.text_encoder, ctx.device)
+            self.encoded = EncodedCaptions(self.data, self.vae, self.tokenizer, self.text_encoder, ctx.device,
+                                           flip=self.flip)
             log.info("lora: cached %d encoded images and captions (%.1f MB)", len(self.encoded),
                      self.encoded.nbytes() / 1e6)
             offload(self.vae, self.text_encoder)
@@ -93,11 +94,12 @@ class LoRA(Method):
         return [{"params": self.params}]
 
     def batch(self, step: int, generator: torch.Generator) -> dict:
-        """batch_size random captioned images, encoded and noised at random timesteps."""
+        """batch_size random captioned images (mirrored at random with train.random_flip), encoded and noised
+        at random timesteps."""
         if self.encoded is not None:
             latents, cond = self.encoded.draw(self.batch_size, generator)
         else:
-            pixels, captions = self.data.draw(self.batch_size, generator)
+            pixels, captions = self.data.draw(self.batch_size, generator, self.flip)
             latents = encode_batch(self.vae, pixels, generator)
             cond = encode_prompts(self.tokenizer, self.text_encoder, captions)  # draws nothing
         noisy, timesteps, target = noise_and_target(self.noise_scheduler, latents, generator)

@@ -15,17 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from ..train.method import (
+    ImageLatents,
     Method,
     assemble_pipeline,
     MethodError,
     TrainContext,
     base_pipeline,
-    encode_latent_distribution,
     load_base_pipeline,
     load_image_folder,
     noise_and_target,
     offload,
-    sample_latents,
     tokenize,
 )
 from ._tokens import TrainableTokens, expand, vector_names
@@ -69,8 +68,8 @@ class TextualInversion(Method):
         self.tokens = TrainableTokens(self.tokenizer, self.text_encoder, vector_names(self.token, self.n),
                                       [initializer] * self.n, self.name)
 
-        self.instance = encode_latent_distribution(self.vae, load_image_folder(ctx.data_dir, ctx.resolution),
-                                                   ctx.device)
+        self.instance = ImageLatents(self.vae, load_image_folder(ctx.data_dir, ctx.resolution), ctx.device,
+                                     ctx.random_flip)
         offload(self.vae)
         self.prompt_ids = tokenize(self.tokenizer, [expand(prompt, self.token, self.n)]).to(ctx.device)
         self.text_encoder.to(ctx.device)
@@ -83,10 +82,8 @@ class TextualInversion(Method):
         return [{"params": [self.tokens.vectors]}]
 
     def batch(self, step: int, generator: torch.Generator) -> dict:
-        mean, std = self.instance
-        idx = torch.randint(0, mean.shape[0], (self.batch_size,), generator=generator).to(mean.device)
-        noisy, timesteps, target = noise_and_target(self.noise_scheduler, sample_latents(mean[idx], std[idx], generator),
-                                                    generator)
+        latents = self.instance.draw(self.batch_size, generator)
+        noisy, timesteps, target = noise_and_target(self.noise_scheduler, latents, generator)
         return dict(noisy=noisy, timesteps=timesteps, target=target)
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:

@@ -3,7 +3,7 @@
 `run_training` is what the workflow calls, with the method it built; `train` is the loop itself,
 driving a `Method` (see method.py). Nothing here picks a method: the caller hands it in. The loop
 owns device placement, mixed precision (autocast, GradScaler for fp16), gradient accumulation,
-grad-norm clipping, the LR schedule, AdamW or 8-bit AdamW, checkpoints with resume, the
+grad-norm clipping (or none), the LR schedule and its scaling by the batch (scale_lr), AdamW or 8-bit AdamW, checkpoints with resume, the
 non-finite-loss guard, the progress bar and the loss log.
 
 Randomness is a pure function of (seed, step, micro-batch): each micro-batch gets its own CPU
@@ -47,6 +47,18 @@ def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
     """A CPU generator whose state depends only on (seed, step, micro)."""
     state = np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def learning_rate(cfg: dict, method: Method) -> float:
+    """The peak learning rate: train.learning_rate, times accumulation and batch with train.scale_lr.
+
+    As diffusers' example scripts do with --scale_lr on one GPU (lr x gradient_accumulation_steps x
+    train_batch_size); the batch is counted as the method's reference counts it (Method.scaled_batch).
+    """
+    lr = float(cfg["learning_rate"])
+    if cfg["scale_lr"]:
+        lr *= int(cfg["gradient_accumulation_steps"]) * method.scaled_batch(int(cfg["batch_size"]))
+    return lr
 
 
 def make_optimizer(cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
@@ -150,7 +162,11 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
     method.setup(ctx)
     groups = method.param_groups()
     params = trainable_tensors(groups)
-    optimizer = make_optimizer(cfg, groups)
+    lr = learning_rate(cfg, method)
+    if lr != cfg["learning_rate"]:
+        log.info("scale_lr: learning rate %g x %d accumulation x batch %g = %g", cfg["learning_rate"],
+                 cfg["gradient_accumulation_steps"], method.scaled_batch(int(cfg["batch_size"])), lr)
+    optimizer = make_optimizer({**cfg, "learning_rate": lr}, groups)
     # A step is one optimizer update, except where the method's step is an epoch of several (DDPO): the
     # loop, its generators and its checkpoints count updates; the config's step counts stay steps.
     per_step = int(method.updates_per_step())
@@ -189,7 +205,7 @@ def train(method: Method, ctx: TrainContext, cfg: dict, work_dir: Path,
                 loss = method.loss(batch, g)
             scaler.scale(loss / accum).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        if cfg["max_grad_norm"]:
+        if cfg["max_grad_norm"] is not None:  # null: no clipping
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
         lr = lr_scheduler.get_last_lr()[0]

@@ -78,6 +78,11 @@ class TrainContext:
     def batch_size(self) -> int:
         return int(self.train["batch_size"])
 
+    @property
+    def random_flip(self) -> bool:
+        """train.random_flip: mirror each drawn training image with probability 0.5."""
+        return bool(self.train["random_flip"])
+
 
 class Method:
     """Base class of a training method; subclasses live in conceptbench/methods/<name>.py."""
@@ -133,6 +138,11 @@ class Method:
     def loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """The scalar loss of `batch` (kept on the device; the loop reads it only at log points)."""
         raise NotImplementedError
+
+    def scaled_batch(self, batch_size: int) -> float:
+        """The batch train.scale_lr multiplies the learning rate by (with the accumulation), counted as
+        the method's reference script counts it; called after setup. Default: train.batch_size."""
+        return batch_size
 
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (0-based `step`), outside autocast and without grad."""
@@ -244,6 +254,50 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
     """Draw latents from a cached (scaled) distribution, noise from the CPU generator."""
     eps = torch.randn(mean.shape, generator=generator).to(mean.device, non_blocking=True)
     return mean + std * eps
+
+
+def flip_draws(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Which of n images to mirror (bool [n], probability 0.5 each), drawn from the step's generator."""
+    return torch.randint(0, 2, (n,), generator=generator).bool()
+
+
+def random_flips(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Pixels [n, 3, H, W] with each image mirrored left-right with probability 0.5."""
+    flip = flip_draws(pixels.shape[0], generator).view(-1, 1, 1, 1)
+    return torch.where(flip, pixels.flip(-1), pixels)
+
+
+class ImageLatents:
+    """The latent distributions of a fixed image set, encoded once, drawn a random batch at a time.
+
+    With `flip` the mirrored images are encoded too (rows N..2N-1) and each draw picks one of the two
+    orientations: the exact latents of a flipped image, which the mirrored latent of the image is not.
+    Without it a draw takes the generator's values exactly as before flips existed (indices, then noise).
+    """
+
+    def __init__(self, vae, images: torch.Tensor, device: torch.device, flip: bool = False):
+        self.n, self.flip = images.shape[0], flip
+        self.mean, self.std = encode_latent_distribution(vae, torch.cat([images, images.flip(-1)]) if flip else images,
+                                                         device)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def indices(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """k random rows (with replacement), mirrored ones among them with flip."""
+        idx = torch.randint(0, self.n, (k,), generator=generator)
+        if self.flip:
+            idx = idx + self.n * flip_draws(k, generator).long()
+        return idx
+
+    def draw(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """k latents drawn from k random images' distributions."""
+        return self.draw_rows(self.indices(k, generator), generator)
+
+    def draw_rows(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents drawn from the distributions at `rows` (from indices(); row % len(self) is the image)."""
+        rows = rows.to(self.mean.device)
+        return sample_latents(self.mean[rows], self.std[rows], generator)
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
