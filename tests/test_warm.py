@@ -15,8 +15,9 @@ from conceptbench import warm
 
 SCRIPT = textwrap.dedent('''
     import os, signal, sys, time
+    __file__ = "/elsewhere/original.py"  # as Snakemake's preamble points it at the script it copied
     from conceptbench.warm import handoff
-    handoff(__file__)
+    handoff()
     print("pid", os.getpid(), "cwd", os.getcwd(), "var", os.environ.get("JOB_VAR"), flush=True)
     print("an error line", file=sys.stderr, flush=True)
     if os.environ.get("JOB_SLEEP"):
@@ -73,7 +74,7 @@ def test_a_handed_off_script_runs_in_a_child_of_the_worker_with_the_jobs_cwd_env
 def test_the_child_is_a_child_of_the_worker(tmp_path, worker):
     address, proc = worker
     script = tmp_path / "ppid.py"
-    script.write_text("import os\nfrom conceptbench.warm import handoff\nhandoff(__file__)\nprint(os.getppid())\n")
+    script.write_text("import os\nfrom conceptbench.warm import handoff\nhandoff()\nprint(os.getppid())\n")
     r = subprocess.run([sys.executable, str(script)], env={**os.environ, warm.ENV: address}, capture_output=True,
                        text=True, timeout=60)
     assert int(r.stdout) == proc.pid
@@ -89,7 +90,7 @@ def test_without_a_worker_the_script_runs_in_its_own_process(tmp_path):
 def test_a_worker_of_another_pythonpath_refuses_and_the_script_runs_itself(tmp_path, worker):
     address, proc = worker
     script = tmp_path / "ppid.py"
-    script.write_text("import os\nfrom conceptbench.warm import handoff\nhandoff(__file__)\nprint(os.getppid())\n")
+    script.write_text("import os\nfrom conceptbench.warm import handoff\nhandoff()\nprint(os.getppid())\n")
     env = {**os.environ, warm.ENV: address, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and int(r.stdout) != proc.pid

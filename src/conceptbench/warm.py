@@ -5,7 +5,7 @@ Most of a small job's time is starting Python and importing those libraries (mea
 docs/performance.md). When Snakemake runs the jobs on this machine (`snakemake --profile profiles/local`,
 `make demo`), the Snakefile's `onstart` starts `python -m conceptbench.warm serve SOCKET` and sets
 CONCEPTBENCH_WARM=SOCKET for the jobs; `onsuccess`/`onerror` stop it. Every workflow script begins
-with `handoff(__file__)`: with a worker listening, the script's process (the one Snakemake
+with `handoff()`: with a worker listening, the script's process (the one Snakemake
 started and watches) becomes a client. It sends the worker its script, working directory, environment
 and standard streams; the worker forks; the child runs the script from the top with the client's
 environment, cwd and streams, exactly as `python script` would, and the client relays signals to it
@@ -46,16 +46,17 @@ def _identity() -> dict:
 
 # --- client -------------------------------------------------------------------------------------------------
 
-def handoff(script: str) -> None:
-    """Run `script` (the calling script, `__file__`) in the warm worker and exit with its status; return at
-    once when there is no worker, or in the worker's child itself."""
+def handoff() -> None:
+    """Run this process's script (sys.argv[0]: Snakemake's copy of the job's script with its preamble, which
+    points `__file__` at the original) in the warm worker and exit with its status; return at once when there
+    is no worker, or in the worker's child itself."""
     address = os.environ.get(ENV)
     if not address or address == "0" or os.environ.get(CHILD) or not os.path.exists(address):
         return
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(address)
-        request = {"script": os.path.abspath(script), "cwd": os.getcwd(), "env": dict(os.environ),
+        request = {"script": os.path.abspath(sys.argv[0]), "cwd": os.getcwd(), "env": dict(os.environ),
                    "argv": sys.argv, **_identity()}
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         reply = _read_line(conn)

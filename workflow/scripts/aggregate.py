@@ -4,7 +4,7 @@ results/tables/summary.{csv,md,html}, deltas.csv and learning.html."""
 
 from conceptbench.warm import handoff
 
-handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+handoff()  # run in the warm worker when one listens (conceptbench/warm.py)
 
 from conceptbench.aggregate import aggregate
 from conceptbench.jobs import job

@@ -3,7 +3,7 @@ class images) per image, degenerate ones flagged."""
 
 from conceptbench.warm import handoff
 
-handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+handoff()  # run in the warm worker when one listens (conceptbench/warm.py)
 
 from conceptbench.jobs import job
 

@@ -2,7 +2,7 @@
 
 from conceptbench.warm import handoff
 
-handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+handoff()  # run in the warm worker when one listens (conceptbench/warm.py)
 
 from conceptbench.jobs import job
 from conceptbench.plots import plot_efficiency

@@ -3,7 +3,7 @@ the untrained baselines and, for DDPO, the training reward per epoch."""
 
 from conceptbench.warm import handoff
 
-handoff(__file__)  # run in the warm worker when one listens (conceptbench/warm.py)
+handoff()  # run in the warm worker when one listens (conceptbench/warm.py)
 
 from conceptbench.jobs import job
 from conceptbench.plots import plot_sweep
