@@ -130,3 +130,13 @@ def test_start_and_stop_from_the_workflow_process():
     finally:
         warm.stop()
     assert warm.ENV not in os.environ and not os.path.exists(os.path.dirname(address))
+
+
+def test_a_worker_starts_only_for_enough_jobs_that_import_torch():
+    from types import SimpleNamespace
+
+    def jobs(*names):
+        return [SimpleNamespace(rule=SimpleNamespace(name=n)) for n in names]
+
+    assert warm.worth_it(jobs(*["train"] * warm.MIN_JOBS))
+    assert not warm.worth_it(jobs(*["train"] * (warm.MIN_JOBS - 1), "aggregate", "plot_gallery", "all"))

@@ -37,6 +37,8 @@ PRELOAD = (
     "conceptbench.aggregate", "conceptbench.world.oracle", "conceptbench.world.shipped",
 )
 MAX_MESSAGE = 1 << 20
+LIGHT_RULES = {"prepare_dataset", "score_references", "aggregate", "plot_sweep", "plot_efficiency", "plot_gallery",
+               "plot_learning", "all"}  # these import no torch: they start in about a second anyway
 
 
 def _identity() -> dict:
@@ -261,6 +263,14 @@ class _quiet:
 
 
 # --- lifecycle, for the Snakefile ------------------------------------------------------------------------------
+
+MIN_JOBS = 5  # below this, the worker's own imports cost about what it would save
+
+
+def worth_it(jobs) -> bool:
+    """Whether a run of these (Snakemake) jobs gains from a worker: enough of them import the heavy libraries."""
+    return sum(1 for job in jobs if job.rule.name not in LIGHT_RULES) >= MIN_JOBS
+
 
 def start() -> str:
     """Start a worker (a child of this process, which it does not outlive) on a new socket, set ENV to its
