@@ -316,6 +316,8 @@ NOT_YET = {
                                 "CLIP-I (-0.01 [-0.07, +0.05]): steering the toy U-Net's cross-attention alone does not "
                                 "draw the cyan and the eye patch, which DreamBooth, training all of it, does"
        for m in ("clip_i", "oracle_subject")},
+    ("ddpo", "true_aesthetic"): "the learned reward rises with LoRA (+0.04 [+0.02, +0.06]) but the true aesthetic's "
+                                "interval covers zero (+0.08 [-0.02, +0.18]): the gap is reward hacking",
 }
 
 
