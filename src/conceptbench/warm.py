@@ -78,7 +78,7 @@ def handoff() -> None:
         signal.signal(signum, relay)
     result = _read_line(conn)
     if "status" not in result:
-        print("warm worker: the connection to the job's process was lost", file=sys.stderr)
+        print("warm worker: it went away before the job's status came back", file=sys.stderr)
     sys.exit(result.get("status", 1))
 
 
