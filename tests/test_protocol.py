@@ -139,3 +139,13 @@ def test_each_value_shaping_key_has_a_row(protocol, given, section):
 def test_the_parser_reads_values_as_yaml():
     text = "## X\n\n| key | value | source | deviation |\n|---|---|---|---|\n| `a.b` | `[1, 2.0e-3]` | s | |\n"
     assert tables(text)["X"][0]["value"] == [1, 0.002]
+
+
+def test_each_key_has_one_row(protocol):
+    """Two rows for one key could give it two sources (one of them wrong) and still both match the config."""
+    where: dict[str, list[int]] = {}
+    for rows in protocol.values():
+        for row in rows:
+            where.setdefault(row["key"], []).append(row["line"])
+    twice = {key: lines for key, lines in where.items() if len(lines) > 1}
+    assert not twice, f"docs/protocol.md states these keys more than once (lines): {twice}"
