@@ -149,8 +149,8 @@ def test_random_flip_mirrors_the_images_drawn(tiny_pipeline_dir, caption_dir):
     cached = EncodedCaptions(data, pipe.vae, pipe.tokenizer, pipe.text_encoder, torch.device("cpu"), flip=True)
     pixels = torch.stack([data.load(i) for i in range(len(data))])
     mirrored, _ = encode_latent_distribution(pipe.vae, pixels.flip(-1), torch.device("cpu"))
-    torch.testing.assert_close(cached.mean[len(data):], mirrored, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(mirrored, cached.mean[: len(data)].flip(-1), atol=1e-3)  # the VAE is no mirror
+    torch.testing.assert_close(cached.latents.mean[len(data):], mirrored, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(mirrored, cached.latents.mean[: len(data)].flip(-1), atol=1e-3)  # the VAE is no mirror
     g = torch.Generator().manual_seed(0)
     drawn, _ = data.draw(64, g, flip=True)
     g = torch.Generator().manual_seed(0)

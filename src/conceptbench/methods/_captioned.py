@@ -82,10 +82,10 @@ class EncodedCaptions:
     @torch.no_grad()
     def __init__(self, data: CaptionedImages, vae, tokenizer, text_encoder, device: torch.device, chunk: int = 8,
                  flip: bool = False):
-        from ..train.method import encode_latent_distribution, encode_prompts
+        from ..train.method import ImageLatents, encode_latent_distribution, encode_prompts
 
         means, stds, conds, mirrored = [], [], [], []
-        for start in range(0, len(data), chunk):
+        for start in range(0, len(data), chunk):  # chunk by chunk: a large set never sits in memory as pixels
             idx = range(start, min(start + chunk, len(data)))
             pixels = torch.stack([data.load(i) for i in idx])
             mean, std = encode_latent_distribution(vae, pixels, device, chunk)
@@ -96,20 +96,16 @@ class EncodedCaptions:
             conds.append(encode_prompts(tokenizer, text_encoder, [data.pairs[i][1] for i in idx]))
         means += [m for m, _ in mirrored]
         stds += [s for _, s in mirrored]
-        self.mean, self.std, self.cond = torch.cat(means), torch.cat(stds), torch.cat(conds)
-        self.flip = flip
+        self.cond = torch.cat(conds)
+        self.latents = ImageLatents.encoded(torch.cat(means), torch.cat(stds), len(self.cond), flip)
 
     def __len__(self) -> int:
         return len(self.cond)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.mean, self.std, self.cond))
+        return sum(t.numel() * t.element_size() for t in (self.latents.mean, self.latents.std, self.cond))
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n random (latents, caption embedding) pairs, with replacement (mirrored with probability 0.5 with flip)."""
-        from ..train.method import flip_draws, sample_latents
-
-        idx = torch.randint(0, len(self), (n,), generator=generator)
-        rows = idx + len(self) * flip_draws(n, generator).long() if self.flip else idx
-        idx, rows = idx.to(self.cond.device), rows.to(self.mean.device)
-        return sample_latents(self.mean[rows], self.std[rows], generator), self.cond[idx]
+        rows = self.latents.indices(n, generator)
+        return self.latents.draw_rows(rows, generator), self.cond[(rows % len(self)).to(self.cond.device)]

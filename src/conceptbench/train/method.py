@@ -276,9 +276,20 @@ class ImageLatents:
     """
 
     def __init__(self, vae, images: torch.Tensor, device: torch.device, flip: bool = False):
-        self.n, self.flip = images.shape[0], flip
-        self.mean, self.std = encode_latent_distribution(vae, torch.cat([images, images.flip(-1)]) if flip else images,
-                                                         device)
+        mean, std = encode_latent_distribution(vae, torch.cat([images, images.flip(-1)]) if flip else images, device)
+        self.set(mean, std, images.shape[0], flip)
+
+    @classmethod
+    def encoded(cls, mean: torch.Tensor, std: torch.Tensor, n: int, flip: bool) -> "ImageLatents":
+        """From distributions already encoded (n images, then their mirrors with flip), e.g. chunk by chunk."""
+        self = cls.__new__(cls)
+        self.set(mean, std, n, flip)
+        return self
+
+    def set(self, mean: torch.Tensor, std: torch.Tensor, n: int, flip: bool) -> None:
+        if mean.shape[0] != n * (2 if flip else 1):
+            raise ValueError(f"{mean.shape[0]} latent rows for {n} images (flip {flip})")
+        self.mean, self.std, self.n, self.flip = mean, std, n, flip
 
     def __len__(self) -> int:
         return self.n
