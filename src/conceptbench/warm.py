@@ -21,6 +21,7 @@ columns then cover only the client process, not the child that did the work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -204,14 +205,14 @@ def serve(address: str, *, preload: tuple[str, ...] = PRELOAD, parent: int | Non
                 if conn is not None:
                     reply = {"status": _status(wait_status), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
                              "max_rss_mb": round(usage.ru_maxrss / 1024, 1)}
-                    with _quiet():
+                    with contextlib.suppress(OSError):
                         conn.sendall(json.dumps(reply).encode() + b"\n")
                     conn.close()
     finally:
         for pid in list(children):
             _kill(pid)
         listener.close()
-        with _quiet():
+        with contextlib.suppress(OSError):
             os.unlink(address)
 
 
@@ -226,7 +227,7 @@ def _accept(listener: socket.socket, identity: dict, children: dict) -> None:
         return
     mine = {k: request.get(k) for k in identity}
     if mine != identity or len(fds) != 3:
-        with _quiet():
+        with contextlib.suppress(OSError):
             conn.sendall(json.dumps({"refused": "another interpreter or PYTHONPATH"}).encode() + b"\n")
         conn.close()
         for fd in fds:
@@ -245,21 +246,13 @@ def _accept(listener: socket.socket, identity: dict, children: dict) -> None:
     for fd in fds:
         os.close(fd)
     children[pid] = conn
-    with _quiet():
+    with contextlib.suppress(OSError):
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
 
 
 def _kill(pid: int) -> None:
-    with _quiet():
+    with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGTERM)
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, OSError)
 
 
 # --- lifecycle, for the Snakefile ------------------------------------------------------------------------------
