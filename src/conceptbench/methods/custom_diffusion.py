@@ -49,6 +49,7 @@ from ..train.method import (
 )
 from ._captioned import encode_batch
 from ._tokens import TrainableTokens
+from .dreambooth import dreambooth_loss
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"
 TRAIN_Q_OUT = {"crossattn_kv": False, "crossattn": True}
@@ -190,11 +191,10 @@ def custom_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: 
     channels, divided by the number of masked cells, averaged over images: C (4 in SD) times a masked
     MSE. An empty mask (possible only at toy resolutions) counts as one cell, not as a division by zero.
     """
-    err = F.mse_loss(pred[:n_instance].float(), target[:n_instance].float(), reduction="none")
     if mask is None:
-        loss = err.mean()
-    else:
-        loss = ((err * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1)).mean()
+        return dreambooth_loss(pred, target, n_instance, prior_weight)
+    err = F.mse_loss(pred[:n_instance].float(), target[:n_instance].float(), reduction="none")
+    loss = ((err * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1)).mean()
     if n_instance < pred.shape[0] and prior_weight:
         loss = loss + prior_weight * F.mse_loss(pred[n_instance:].float(), target[n_instance:].float())
     return loss
