@@ -390,3 +390,31 @@ def test_convert_aesthetic_cli(tmp_path):
     _laion_like_pth(tmp_path / "h.pth")
     assert model_hub._main(["convert-aesthetic", str(tmp_path / "h.pth"), str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_aesthetic_head_activation_is_applied_and_saved_by_name(tmp_path):
+    """A head whose config.json names an activation keeps the LAION weight names, applies it after every
+    hidden layer, and loads back to the same scores; an unknown name is refused naming the file."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    gelu = AestheticMLP(in_dim=16, hidden=(32, 16, 8, 4), activation="gelu").eval()
+    linear = AestheticMLP(in_dim=16, hidden=(32, 16, 8, 4)).eval()
+    linear.load_state_dict(gelu.state_dict())
+    assert sorted(gelu.state_dict()) == sorted(AestheticMLP(in_dim=16, hidden=(32, 16, 8, 4)).state_dict())
+    emb = torch.randn(5, 16)
+    with torch.no_grad():
+        x = emb
+        for i in (0, 2, 4, 6):
+            x = torch.nn.functional.gelu(gelu.layers[i](x))
+        by_hand = gelu.layers[7](x).squeeze(-1)
+        assert torch.allclose(gelu(emb), by_hand) and not torch.allclose(gelu(emb), linear(emb))
+    out = tmp_path / "head"
+    out.mkdir()
+    save_file(gelu.state_dict(), str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"in_dim": 16, "hidden": [32, 16, 8, 4], "activation": "gelu"}))
+    with torch.no_grad():
+        assert torch.equal(load_aesthetic(out)(emb), gelu(emb))
+    (out / "config.json").write_text(json.dumps({"in_dim": 16, "hidden": [32, 16, 8, 4], "activation": "swish"}))
+    with pytest.raises(ValueError, match=r"config\.json: aesthetic head activation 'swish'"):
+        load_aesthetic(out)

@@ -342,6 +342,7 @@ def build_dino(root: Path, out: Path, sizes: Sizes, seed: int):
 # --- the aesthetic head -----------------------------------------------------------------------
 
 AESTHETIC_HIDDEN = (64, 32, 16, 8)
+AESTHETIC_ACTIVATION = "gelu"  # the ground truth's contrast term is not linear in the embedding (metrics/aesthetic.py)
 
 
 def aesthetic_data(clip_model, seed: int, stream: str, n: int):
@@ -361,7 +362,7 @@ def build_aesthetic(root: Path, out: Path, sizes: Sizes, seed: int):
 
     emb, target = aesthetic_data(load_clip(root / "clip"), seed, "aesthetic", sizes.aesthetic_samples)
     torch.manual_seed(seed)
-    head = AestheticMLP(in_dim=emb.shape[1], hidden=AESTHETIC_HIDDEN)
+    head = AestheticMLP(in_dim=emb.shape[1], hidden=AESTHETIC_HIDDEN, activation=AESTHETIC_ACTIVATION)
 
     def loss(step):
         g = torch.Generator().manual_seed(seed * 100003 + step)
@@ -370,7 +371,8 @@ def build_aesthetic(root: Path, out: Path, sizes: Sizes, seed: int):
 
     fit("aesthetic", head.parameters(), 3000, 3e-3, loss)
     out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps({"in_dim": int(emb.shape[1]), "hidden": list(AESTHETIC_HIDDEN)}))
+    (out / "config.json").write_text(json.dumps({"in_dim": int(emb.shape[1]), "hidden": list(AESTHETIC_HIDDEN),
+                                                 "activation": AESTHETIC_ACTIVATION}))
     save_file(head.eval().state_dict(), str(out / "model.safetensors"))
     return head
 
