@@ -32,10 +32,14 @@ import warnings
 
 ENV = "CONCEPTBENCH_WARM"          # the worker's socket, in the jobs' environment; "0" turns it off
 CHILD = "CONCEPTBENCH_WARM_CHILD"  # set in the worker's children, so their handoff() returns at once
+# diffusers and transformers import their classes lazily, on first use: the pipeline module, which pulls in
+# the models, loaders, peft and quantizers (1.7 s), is named here, or every child would import it again.
 PRELOAD = (
     "torch", "diffusers", "transformers", "open_clip", "safetensors.torch", "pandas", "matplotlib.pyplot",
-    "conceptbench.train", "conceptbench.sample", "conceptbench.metrics.evaluate", "conceptbench.plots",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+    "peft", "conceptbench.train", "conceptbench.sample", "conceptbench.metrics.evaluate", "conceptbench.plots",
     "conceptbench.aggregate", "conceptbench.world.oracle", "conceptbench.world.shipped",
+    *(f"conceptbench.methods.{m}" for m in ("dreambooth", "lora", "textual_inversion", "custom_diffusion", "lcm", "ddpo")),
 )
 MAX_MESSAGE = 1 << 20
 LIGHT_RULES = {"prepare_dataset", "score_references", "aggregate", "plot_sweep", "plot_efficiency", "plot_gallery",
