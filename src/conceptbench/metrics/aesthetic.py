@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 LAION_HIDDEN = (1024, 128, 64, 16)
-ACTIVATIONS = {None: nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}
+ACTIVATIONS = {None: nn.Identity, "gelu": nn.GELU}
 
 
 class AestheticMLP(nn.Module):
@@ -28,7 +28,6 @@ class AestheticMLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"aesthetic head activation {activation!r} is not one of {sorted(map(str, ACTIVATIONS))}")
-        self.activation = activation
         self.act = ACTIVATIONS[activation]()
         h1, h2, h3, h4 = hidden
         self.layers = nn.Sequential(
