@@ -33,13 +33,13 @@ import warnings
 ENV = "CONCEPTBENCH_WARM"          # the worker's socket, in the jobs' environment; "0" turns it off
 CHILD = "CONCEPTBENCH_WARM_CHILD"  # set in the worker's children, so their handoff() returns at once
 # diffusers and transformers import their classes lazily, on first use: the pipeline module, which pulls in
-# the models, loaders, peft and quantizers (1.7 s), is named here, or every child would import it again.
+# the models, loaders, peft and quantizers (1.7 s), is named here, or every child would import it again. The
+# method modules are added from the registry (default_preload).
 PRELOAD = (
     "torch", "diffusers", "transformers", "open_clip", "safetensors.torch", "pandas", "matplotlib.pyplot",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
     "peft", "conceptbench.train", "conceptbench.sample", "conceptbench.metrics.evaluate", "conceptbench.plots",
     "conceptbench.aggregate", "conceptbench.world.oracle", "conceptbench.world.shipped",
-    *(f"conceptbench.methods.{m}" for m in ("dreambooth", "lora", "textual_inversion", "custom_diffusion", "lcm", "ddpo")),
 )
 MAX_MESSAGE = 1 << 20
 LIGHT_RULES = {"prepare_dataset", "score_references", "aggregate", "plot_sweep", "plot_efficiency", "plot_gallery",
@@ -166,10 +166,20 @@ def _status(wait_status: int) -> int:
     return os.WEXITSTATUS(wait_status)
 
 
-def serve(address: str, *, preload: tuple[str, ...] = PRELOAD, parent: int | None = None) -> None:
-    """Import `preload`, listen on `address`, fork a child per request; stop when `parent` has gone or on SIGTERM."""
+def default_preload() -> tuple[str, ...]:
+    """PRELOAD and the modules of conceptbench's own methods (the registry's list, so a new method is in it)."""
+    from . import registry
+
+    return (*PRELOAD, *(registry.module_name(m) for m in registry.available_methods()))
+
+
+def serve(address: str, *, preload: tuple[str, ...] | None = None, parent: int | None = None) -> None:
+    """Import `preload` (default: default_preload()), listen on `address`, fork a child per request; stop when
+    `parent` has gone or on SIGTERM."""
     import importlib
 
+    if preload is None:
+        preload = default_preload()
     for name in preload:
         importlib.import_module(name)
     identity = _identity()

@@ -411,7 +411,7 @@ STAGES = {"vae": build_vae, "clip": build_clip, "sd": build_sd, "dino": build_di
 NEEDS = {"sd": ("vae", "clip"), "aesthetic": ("clip",)}
 # Two workers of one thread each, the VAE on one and the rest but the U-Net on the other (about 23 min each
 # on two cores), then the U-Net, which needs both the VAE and CLIP, alone on every core. Run as a third
-# stage of the first worker, the U-Net had one thread while the other core idled for 42 of its 44 min.
+# stage of the first worker, the U-Net had one thread, and the other core idled through all but 27 s of its 42 min.
 WORKERS = (("vae",), ("clip", "aesthetic", "dino", "oracle"))
 
 
