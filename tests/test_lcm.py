@@ -126,3 +126,19 @@ def test_the_studys_lcm_trains_batches_of_12_without_weight_decay(tiny_pipeline_
     assert method.batch(0, torch.Generator().manual_seed(0))["x_t"].shape[0] == 12
     assert [g["weight_decay"] for g in made[0].param_groups] == [0.0]
     assert made[0].param_groups[0]["lr"] == 1e-6
+
+
+def test_cached_encodings_give_the_batches_of_encoding_each_one(tiny_pipeline_dir, caption_dir):  # noqa: F811
+    """cache_latents encodes each image and caption once, at setup; each step then draws the same images,
+    captions and noise as encoding the batch does, so the teacher's target is the same up to float rounding."""
+    batches = {}
+    for cache in (False, True):
+        spec = {**SPEC, "args": {**SPEC["args"], "cache_latents": cache}}
+        method, ctx = make(spec, tiny_pipeline_dir, caption_dir)
+        method.setup(ctx)
+        assert (method.encoded is not None) == cache
+        with torch.no_grad():
+            batches[cache] = method.batch(0, torch.Generator().manual_seed(3))
+    for key in ("x_t", "t", "w_emb", "cond", "target"):
+        torch.testing.assert_close(batches[True][key], batches[False][key], atol=1e-5, rtol=1e-4)
+    assert len(set(batches[True]["cond"][:, 5].sum(-1).tolist())) > 1  # different captions in the batch

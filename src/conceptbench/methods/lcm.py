@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.method import Method, MethodError, TrainContext, encode_prompts
-from ._captioned import encode_batch, load_captioned
+from ._captioned import EncodedCaptions, encode_batch, load_captioned
 
 SIGMA_DATA = 0.5
 
@@ -37,6 +37,9 @@ ARGS = {  # one JSON-schema fragment per argument (conceptbench/registry.py); no
                            "description": "Width of the student's guidance-scale embedding."},
     "timestep_scaling": {"type": "number", "exclusiveMinimum": 0, "default": 10.0,
                          "description": "Scale of t in the boundary conditions c_skip, c_out."},
+    "cache_latents": {"type": "boolean", "default": False,
+                      "description": "Encode every image and caption once at setup (a small set trained for many "
+                                     "steps); false: each batch, as the reference does on CC12M."},
 }
 INPUTS = {"data": True}
 H100_SECONDS_PER_STEP = 1.5
@@ -126,6 +129,11 @@ class LCM(Method):
             self.student.enable_gradient_checkpointing()
         with torch.no_grad():
             self.uncond = encode_prompts(self.tokenizer, self.text_encoder, [""])
+        # The same draws either way (EncodedCaptions consumes the generator as draw + encode_batch do).
+        self.encoded = None
+        if self.arg("cache_latents"):
+            self.encoded = EncodedCaptions(self.data, self.vae, self.tokenizer, self.text_encoder, ctx.device,
+                                           flip=self.flip)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.student.parameters() if p.requires_grad]}]
@@ -140,8 +148,12 @@ class LCM(Method):
 
     def batch(self, step: int, generator: torch.Generator) -> dict:
         """Noisy latents at t_n, the guidance embedding, and the EMA target's output after the teacher's DDIM step."""
-        pixels, captions = self.data.draw(self.batch_size, generator, self.flip)
-        latents = encode_batch(self.vae, pixels, generator)
+        if self.encoded is not None:
+            latents, cond = self.encoded.draw(self.batch_size, generator)
+        else:
+            pixels, captions = self.data.draw(self.batch_size, generator, self.flip)
+            latents = encode_batch(self.vae, pixels, generator)
+            cond = encode_prompts(self.tokenizer, self.text_encoder, captions)  # draws nothing
         n, dev = latents.shape[0], self.device
         noise = torch.randn(latents.shape, generator=generator).to(dev)
         index = torch.randint(0, self.num_ddim, (n,), generator=generator).to(dev)
@@ -149,7 +161,6 @@ class LCM(Method):
         t_start = self.grid[index]
         t_prev = (t_start - self.skip).clamp(min=0)
         x_t = self.scheduler.add_noise(latents, noise, t_start)
-        cond = encode_prompts(self.tokenizer, self.text_encoder, captions)
         w_emb = guidance_scale_embedding(w, self.cond_dim).to(dev)
 
         kind = self.scheduler.config.prediction_type

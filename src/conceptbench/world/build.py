@@ -37,7 +37,7 @@ class Sizes:
     vae_batch: int = 32
     clip_steps: int = 1500
     clip_batch: int = 128
-    unet_steps: int = 4000
+    unet_steps: int = 4800
     unet_batch: int = 48
     unet_pool: int = 24000  # captioned scenes encoded once to latents
     dino_steps: int = 800
