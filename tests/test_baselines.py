@@ -297,3 +297,18 @@ def test_sample_rows_carry_their_prompt_set(tiny_pipeline_dir, tmp_path):
     rows = sample(pipe, [{"prompt": "a cat"}, PROMPTS[1]], [0], steps=1, guidance_scale=1.0, resolution=64,
                   out_dir=tmp_path)
     assert [r["prompt_set"] for r in rows] == ["eval", "prior"]
+
+
+def test_best_variant_is_the_one_whose_delta_lies_highest_on_the_tasks_first_target():
+    """Catches the best variant chosen by the largest delta (a wide interval around it may cover zero while
+    another variant's lies above it) or by a later target than the first one the table has."""
+    from conceptbench.paired import best_variant
+
+    rows = pd.DataFrame({"variant": ["wide", "sure", "none"], "oracle_subject_delta": [0.40, 0.20, float("nan")],
+                         "oracle_subject_delta_lo": [-0.10, 0.05, float("nan")],
+                         "dino_i_delta": [0.9, 0.1, 0.5], "dino_i_delta_lo": [0.5, 0.0, 0.2]})
+    assert best_variant(rows, "subject") == ("sure", "oracle_subject")
+    assert best_variant(rows.drop(columns=["oracle_subject_delta", "oracle_subject_delta_lo"]), "subject") == ("wide", "dino_i")
+    tied = rows.assign(oracle_subject_delta_lo=[0.05, 0.05, float("nan")])
+    assert best_variant(tied, "subject") == ("wide", "oracle_subject")  # equal lower ends: the larger delta
+    assert best_variant(rows, "acceleration") == (None, None)

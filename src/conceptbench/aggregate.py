@@ -265,7 +265,7 @@ def _name(metric: str) -> str:
 def learning_table(table: pd.DataFrame, deltas: pd.DataFrame, experiments: dict) -> tuple[str, list[str], list[list[str]]]:
     """"Does it learn?": per experiment, its base and its best variant on the same (prompt, seed) pairs,
     every metric with the paired delta, and the delta against any further baseline (LCM's full-step teacher)."""
-    header = ["experiment", "best variant (chosen by Δ of)", "metric", "base", "best", "Δ best − base",
+    header = ["experiment", "best variant (chosen by the Δ interval of)", "metric", "base", "best", "Δ best − base",
               "Δ against the other baselines"]
     body = []
     for exp, info in experiments.items():

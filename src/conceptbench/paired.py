@@ -29,10 +29,11 @@ N_BOOT = 1000
 
 # The metric a task is judged on, in order of preference: the first one with a paired delta picks an
 # experiment's best variant for the "Does it learn?" table. The toy world's ground truth (oracle_*,
-# world/oracle.py) comes first where it exists; the study's metrics otherwise. DDPO is judged by its
+# world/oracle.py) comes first where it exists; the study's metrics otherwise. LCM is judged by the
+# colour drawn (the teacher at 4 DDIM steps keeps the background and loses the colour); DDPO by its
 # reward, the learned aesthetic: what it optimises (its gap to the true one is aesthetic_excess).
 TARGETS = {"subject": ["oracle_subject", "dino_i", "clip_i"], "style": ["oracle_ninja", "clip_t"],
-           "acceleration": ["oracle_background", "clip_t"], "reward": ["aesthetic"]}
+           "acceleration": ["oracle_colour", "clip_t"], "reward": ["aesthetic"]}
 
 
 def mean_with_interval(values, seed: int = 0) -> tuple[float, float, float]:
@@ -117,10 +118,13 @@ def paired_deltas(scores: dict[str, pd.Series], reference: dict[str, pd.Series],
 
 
 def best_variant(rows: pd.DataFrame, task: str) -> tuple[str, str] | tuple[None, None]:
-    """(variant, metric): among trained rows of one experiment, the largest paired delta on the task's
-    first target metric that has one; (None, None) when none has."""
+    """(variant, metric): among trained rows of one experiment, the one whose paired delta on the task's
+    first target metric that has one lies highest: the largest lower end of its 95 % interval (not the
+    largest delta, whose wide interval may cover zero while another variant's lies above it); ties go
+    to the larger delta. (None, None) when no row has that delta."""
     for metric in TARGETS.get(task, []):
         column = f"{metric}_delta"
         if column in rows and rows[column].notna().any():
-            return str(rows.loc[rows[column].idxmax(), "variant"]), metric
+            ranked = rows[rows[column].notna()].sort_values([f"{column}_lo", column], ascending=False, kind="stable")
+            return str(ranked["variant"].iloc[0]), metric
     return None, None
