@@ -67,6 +67,19 @@ def encode_batch(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch
     return sample_latents(mean, std, generator)
 
 
+def draw_encoded(data: CaptionedImages, encoded, vae, tokenizer, text_encoder, n: int, generator: torch.Generator,
+                 flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random (scaled latents, caption embedding) pairs: from `encoded` (an EncodedCaptions) when there is
+    one, else drawn from `data` and encoded now; either way the generator gives the same draws."""
+    if encoded is not None:
+        return encoded.draw(n, generator)
+    from ..train.method import encode_prompts
+
+    pixels, captions = data.draw(n, generator, flip)
+    latents = encode_batch(vae, pixels, generator)
+    return latents, encode_prompts(tokenizer, text_encoder, captions)  # draws nothing
+
+
 class EncodedCaptions:
     """Every image's latent distribution and every caption's embedding, encoded once.
 

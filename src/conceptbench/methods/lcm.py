@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.method import Method, MethodError, TrainContext, encode_prompts
-from ._captioned import EncodedCaptions, encode_batch, load_captioned
+from ._captioned import EncodedCaptions, draw_encoded, load_captioned
 
 SIGMA_DATA = 0.5
 
@@ -148,12 +148,8 @@ class LCM(Method):
 
     def batch(self, step: int, generator: torch.Generator) -> dict:
         """Noisy latents at t_n, the guidance embedding, and the EMA target's output after the teacher's DDIM step."""
-        if self.encoded is not None:
-            latents, cond = self.encoded.draw(self.batch_size, generator)
-        else:
-            pixels, captions = self.data.draw(self.batch_size, generator, self.flip)
-            latents = encode_batch(self.vae, pixels, generator)
-            cond = encode_prompts(self.tokenizer, self.text_encoder, captions)  # draws nothing
+        latents, cond = draw_encoded(self.data, self.encoded, self.vae, self.tokenizer, self.text_encoder,
+                                     self.batch_size, generator, self.flip)
         n, dev = latents.shape[0], self.device
         noise = torch.randn(latents.shape, generator=generator).to(dev)
         index = torch.randint(0, self.num_ddim, (n,), generator=generator).to(dev)

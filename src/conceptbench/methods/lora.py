@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..train.method import Method, TrainContext, encode_prompts, load_base_pipeline, noise_and_target, offload
-from ._captioned import EncodedCaptions, encode_batch, load_captioned
+from ..train.method import Method, TrainContext, load_base_pipeline, noise_and_target, offload
+from ._captioned import EncodedCaptions, draw_encoded, load_captioned
 from ._lora import DEFAULT_TARGETS, add_lora, fuse_loras, save_lora
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,8 @@ class LoRA(Method):
     def batch(self, step: int, generator: torch.Generator) -> dict:
         """batch_size random captioned images (mirrored at random with train.random_flip), encoded and noised
         at random timesteps."""
-        if self.encoded is not None:
-            latents, cond = self.encoded.draw(self.batch_size, generator)
-        else:
-            pixels, captions = self.data.draw(self.batch_size, generator, self.flip)
-            latents = encode_batch(self.vae, pixels, generator)
-            cond = encode_prompts(self.tokenizer, self.text_encoder, captions)  # draws nothing
+        latents, cond = draw_encoded(self.data, self.encoded, self.vae, self.tokenizer, self.text_encoder,
+                                     self.batch_size, generator, self.flip)
         noisy, timesteps, target = noise_and_target(self.noise_scheduler, latents, generator)
         return dict(noisy=noisy, timesteps=timesteps, target=target, cond=cond)
 
