@@ -129,8 +129,7 @@ class LCM(Method):
             self.student.enable_gradient_checkpointing()
         with torch.no_grad():
             self.uncond = encode_prompts(self.tokenizer, self.text_encoder, [""])
-        # The same draws either way (EncodedCaptions consumes the generator as draw + encode_batch do).
-        self.encoded = None
+        self.encoded = None  # or every image and caption encoded once (draw_encoded: the same draws either way)
         if self.arg("cache_latents"):
             self.encoded = EncodedCaptions(self.data, self.vae, self.tokenizer, self.text_encoder, ctx.device,
                                            flip=self.flip)
