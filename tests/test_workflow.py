@@ -253,6 +253,24 @@ def test_changing_sampling_reruns_no_training(tiny_run, tmp_path):
     assert "train" not in counts and counts["sample"] == n and counts["evaluate"] == n
 
 
+def test_a_newer_shipped_world_model_reruns_what_used_it(tiny_run):
+    """A rebuilt or pulled oracle (`make world`): its install and every evaluation it scores run again, and
+    no training or sampling."""
+    from conceptbench.world.shipped import SHIPPED
+
+    work, config = tiny_run
+    weights = SHIPPED / "oracle" / "model.safetensors"
+    before = weights.stat()
+    try:
+        os.utime(weights)  # now: newer than the copy the run installed
+        counts = job_counts(snakemake(work, "-n", "--configfile", str(config)).stdout)
+    finally:
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    n = sum(len(v) for v in TINY_VARIANTS.values()) + sum(len(b) for b in TINY_BASELINES.values())
+    assert counts["install_world_model"] == 1 and counts["evaluate"] == n, counts
+    assert "train" not in counts and "sample" not in counts, counts
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
 def test_report_shows_the_table_and_images_in_chromium(tiny_run, tmp_path):
     """The report opens in headless chromium; its summary view holds the table, its galleries images."""

@@ -58,6 +58,15 @@ def model_spec(wildcards):
     return {k: v for k, v in MODELS[wildcards.model].items() if k not in cb.LOAD_OPTIONS}
 
 
+def shipped_world_files(wildcards):
+    """The files of the shipped toy-world model an install copies: a rebuilt or updated model (`make world`,
+    a pull) is newer than its installed copy, so the install and everything that used it run again."""
+    from conceptbench.world.shipped import SHIPPED
+
+    folder = SHIPPED / MODELS[wildcards.model]["world"]
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file())
+
+
 def dataset_spec(wildcards):
     return DATASETS[wildcards.dataset]
 

@@ -22,6 +22,8 @@ rule build_tiny_model:
 
 
 rule install_world_model:
+    input:
+        shipped_world_files,
     output:
         directory(f"{RESOURCES}/models/world/{{model}}"),
     params:
