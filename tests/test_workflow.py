@@ -328,8 +328,8 @@ LEARNS = {
 # What does not learn yet, measured on the embedded default (2026-12-03), each an explicit strict xfail:
 # it fails the day it starts to learn, and then belongs in LEARNS proper.
 NOT_YET = {
-    ("textual_inversion", "oracle_subject"): "one vector set draws the cat toy in 2 of 12 images (+0.08 [-0.17, +0.42]): "
-                                             "the base model cannot draw its lime and magenta",
+    ("textual_inversion", "oracle_subject"): "8 vectors draw the cat toy in 1 of 12 images (+0.08 [+0.00, +0.25]): "
+                                             "its lime blobs have the cat toy's colour, not its four-pointed star",
     **{("custom_diffusion", m): "Custom Diffusion moves DINO-I (+0.19 [+0.05, +0.30]) but draws no subject and no closer "
                                 "CLIP-I (+0.00 [-0.07, +0.08]): steering the toy U-Net's cross-attention alone does not "
                                 "draw the cyan and the eye patch, which DreamBooth, training all of it, does"

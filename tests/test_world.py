@@ -57,6 +57,16 @@ def test_analytic_oracle_is_exact_on_clean_renders():
     assert acc == {"background": 1.0, "colour": 1.0, "position": 1.0}
 
 
+def test_an_impostor_wears_a_subjects_colours_on_another_shape_and_is_labelled_no_subject():
+    rng = np.random.default_rng(5)
+    for s in (orc.impostor_scene(rng) for _ in range(60)):
+        t = s.things[0]
+        spec = next(spec for spec in sc.SUBJECTS.values() if spec["body"] == t.colour)
+        assert t.cls != spec["cls"] and (t.mark, t.marking) == (spec["mark"], spec["marking"])
+        assert orc.labels(s)["subject"] == orc.HEADS["subject"].index("none")
+        assert orc.labels(s)["shape"] == orc.HEADS["shape"].index(t.cls)
+
+
 def test_analytic_oracle_says_so_when_there_is_no_object():
     empty = np.empty((sc.SIZE, sc.SIZE, 3), np.uint8)
     empty[:] = sc.BACKGROUNDS["at night"]
@@ -103,6 +113,31 @@ def test_clip_text_tower_becomes_sd_text_encoder_with_the_same_numbers():
         x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
         ours = te(ids).last_hidden_state
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-4)
+
+
+def test_the_builder_stops_waiting_when_the_worker_it_waits_for_fails(tmp_path, monkeypatch):
+    """In a parallel build the U-Net waits for the VAE a worker builds; if that worker dies, the wait ends
+    with its exit, not never."""
+    from conceptbench.world import build
+
+    class Exited:
+        def __init__(self, code):
+            self.code = code
+
+        def poll(self):
+            return self.code
+
+    naps = []
+
+    def sleep(seconds):  # a wait that never ends fails here instead of hanging
+        naps.append(seconds)
+        assert len(naps) < 5, "still waiting for a stage whose worker has failed"
+
+    monkeypatch.setattr(build.time, "sleep", sleep)
+    (tmp_path / "clip").mkdir()
+    build._wait_for(tmp_path, ["clip"], poll=0.0, procs=[Exited(1)])  # nothing awaited: no check, no error
+    with pytest.raises(SystemExit, match="worker of the build failed while vae was awaited"):
+        build._wait_for(tmp_path, ["vae", "clip"], poll=0.0, procs=[Exited(None), Exited(1)])
 
 
 @pytest.fixture(scope="module")

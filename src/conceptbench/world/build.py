@@ -380,18 +380,30 @@ def build_aesthetic(root: Path, out: Path, sizes: Sizes, seed: int):
 # --- the oracle's classifier ------------------------------------------------------------------
 
 
+IMPOSTORS = 0.15  # of the oracle's training renders: other classes in a subject's colours (oracle.impostor_scene)
+
+
 def build_oracle(root: Path, out: Path, sizes: Sizes, seed: int):
+    """The oracle's CNN, on clean renders and, every other step, on the autoencoder's reconstructions of
+    them: every generated image is one of the decoder's, so the oracle must read the decoder's rendering of
+    a thing as that thing (trained on slightly blurred renders instead, it read the cat toy in none of its
+    reconstructions). Some renders are impostors, so a subject is its colours on its shape, not its colours."""
+    from diffusers import AutoencoderKL
+
     from . import oracle as orc
 
+    vae = AutoencoderKL.from_pretrained(str(root / "vae")).eval()
     torch.manual_seed(seed)
     net = orc.make_cnn()
 
     def loss(step):
         rng = wd.rng_for(seed, "oracle", step)
-        scenes = [orc.training_scene(rng) for _ in range(sizes.oracle_batch)]
+        scenes = [orc.impostor_scene(rng) if rng.random() < IMPOSTORS else orc.training_scene(rng)
+                  for _ in range(sizes.oracle_batch)]
         x = wd.to_tensor(wd.images(scenes))
-        if step % 2:  # and slightly blurred, as a generated image is
-            x = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1) * 0.5 + x * 0.5
+        if step % 2:
+            with torch.no_grad():
+                x = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         out_ = net(x)
         return sum(torch.nn.functional.cross_entropy(out_[h], torch.tensor([orc.labels(s)[h] for s in scenes]))
                    for h in orc.HEADS)
@@ -408,29 +420,55 @@ def build_oracle(root: Path, out: Path, sizes: Sizes, seed: int):
 
 STAGES = {"vae": build_vae, "clip": build_clip, "sd": build_sd, "dino": build_dino, "aesthetic": build_aesthetic,
           "oracle": build_oracle}
-NEEDS = {"sd": ("vae", "clip"), "aesthetic": ("clip",)}
-# Two workers of one thread each, the VAE on one and the rest but the U-Net on the other (about 23 min each
-# on two cores), then the U-Net, which needs both the VAE and CLIP, alone on every core. Run as a third
-# stage of the first worker, the U-Net had one thread, and the other core idled through all but 27 s of its 42 min.
+NEEDS = {"sd": ("vae", "clip"), "aesthetic": ("clip",), "oracle": ("vae",)}
+# Two workers of one thread each, the VAE on one and the rest but the U-Net on the other (the oracle, which
+# reads the VAE's reconstructions, last, waiting for it), while this process builds the U-Net on every core
+# as soon as the VAE and CLIP are there. Run as a third stage of the first worker, the U-Net had one thread,
+# and the other core idled through all but 27 s of its 42 min.
 WORKERS = (("vae",), ("clip", "aesthetic", "dino", "oracle"))
 
 
-def _wait_for(out: Path, names, poll: float = 10.0) -> None:
+def _wait_for(out: Path, names, poll: float = 10.0, procs=()) -> None:
     while missing := [n for n in names if not (out / n).is_dir()]:
+        if any(p.poll() for p in procs):  # a worker that would have built it failed
+            raise SystemExit(f"a worker of the build failed while {', '.join(missing)} was awaited; see {out / 'build.log'}")
         log.info("waiting for %s", ", ".join(missing))
         time.sleep(poll)
 
 
-def _parallel(args) -> None:
+def _start_workers(args) -> list:
     import subprocess
     import sys
 
     base = [sys.executable, "-m", "conceptbench.world.build", str(args.out), "--size", args.size, "--seed",
             str(args.seed), "--threads", "1", "--wait"]
-    procs = [subprocess.Popen([*base, "--stages", *w]) for w in WORKERS]
+    return [subprocess.Popen([*base, "--stages", *w]) for w in WORKERS]
+
+
+def _join(procs, args) -> None:
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"a worker of the build failed (exit codes {codes}); see {args.out / 'build.log'}")
+
+
+def build_stage(name: str, args, sizes: Sizes, procs=()) -> None:
+    folder = args.out / name
+    if folder.exists():
+        log.info("%s: %s exists, kept", name, folder)
+        return
+    missing = [n for n in NEEDS.get(name, ()) if not (args.out / n).is_dir()]
+    if missing and not args.wait:
+        raise SystemExit(f"{name} needs {', '.join(missing)} in {args.out}: build those stages first")
+    _wait_for(args.out, missing, procs=procs)
+    t0 = time.time()
+    tmp = folder.with_name(folder.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    STAGES[name](args.out, tmp, sizes, args.seed)
+    tmp.rename(folder)
+    log.info("%s: built in %.0f s", name, time.time() - t0)
 
 
 def main(argv=None):
@@ -441,7 +479,8 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=list(STAGES))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--parallel", action="store_true",
-                    help="build in two one-thread workers (vae | clip, aesthetic, dino, oracle), then sd on every core")
+                    help="build in two one-thread workers (vae | clip, aesthetic, dino, oracle), and sd on every core "
+                         "as soon as vae and clip are built")
     ap.add_argument("--wait", action="store_true", help="wait for stages that another worker builds")
     ap.add_argument("--ship", type=Path, default=None, metavar="DIR",
                     help="then measure the models (quality.md) and export them in fp16 to DIR "
@@ -454,26 +493,17 @@ def main(argv=None):
                         handlers=[logging.FileHandler(args.out / "build.log"), logging.StreamHandler()])
     sizes = SIZES[args.size]
     log.info("building the toy world (%s, seed %d): %s", args.size, args.seed, json.dumps(asdict(sizes)))
+    procs = []
     if args.parallel:
-        _parallel(args)
-    for name in args.stages:
-        folder = args.out / name
-        if folder.exists():
-            log.info("%s: %s exists, kept", name, folder)
-            continue
-        missing = [n for n in NEEDS.get(name, ()) if not (args.out / n).is_dir()]
-        if missing and not args.wait:
-            raise SystemExit(f"{name} needs {', '.join(missing)} in {args.out}: build those stages first")
-        _wait_for(args.out, missing)
-        t0 = time.time()
-        tmp = folder.with_name(folder.name + ".partial")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        STAGES[name](args.out, tmp, sizes, args.seed)
-        tmp.rename(folder)
-        log.info("%s: built in %.0f s", name, time.time() - t0)
+        procs, args.wait = _start_workers(args), True
+    in_workers = {name for w in WORKERS for name in w} if procs else set()
+    try:
+        for name in args.stages:
+            if name not in in_workers:
+                build_stage(name, args, sizes, procs)
+    finally:
+        if procs:
+            _join(procs, args)
     if args.ship:
         from . import quality, shipped
 

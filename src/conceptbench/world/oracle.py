@@ -3,7 +3,8 @@
 Background, object colour and position are read analytically (exact on clean renders): the
 background is the commonest palette colour on the border; object pixels are those far from it, and
 each votes for its nearest object colour; the position is the grid cell of the winning colour's
-centroid. Shape, subject, style and accessory come from a small CNN trained on clean renders
+centroid. Shape, subject, style and accessory come from a small CNN trained on clean renders, the
+autoencoder's reconstructions of them (what a generated image is) and impostors of the subjects
 (`build.py`, stage `oracle`), saved as safetensors with its label lists.
 """
 
@@ -115,6 +116,21 @@ def training_scene(rng: np.random.Generator) -> sc.Scene:
     subject = str(rng.choice(list(sc.SUBJECTS))) if u < 0.3 else None
     style = str(rng.choice(list(sc.STYLES)))
     return sc.sample_scene(rng, subject=subject, style=style, pair_p=0.0, accessory_p=0.4)
+
+
+def impostor_scene(rng: np.random.Generator) -> sc.Scene:
+    """An object of another class in a subject's colours and marking (a lime ball with a magenta heart):
+    not the subject. Without these the oracle learned a subject's colour alone, and called any lime blob
+    the cat toy."""
+    subject = str(rng.choice(list(sc.SUBJECTS)))
+    spec = sc.SUBJECTS[subject]
+    s = sc.sample_scene(rng, style=str(rng.choice(list(sc.STYLES))), pair_p=0.0, accessory_p=0.4)
+    t = s.things[0]
+    t.cls = str(rng.choice([c for c in sc.CLASSES if c != spec["cls"]]))
+    t.colour, t.mark, t.marking = spec["body"], spec["mark"], spec["marking"]
+    if t.cls not in ("dog", "toy") and s.accessory in ("sunglasses", "bandana"):
+        s.accessory = None  # as in the base world: only the animals and toys wear things
+    return s
 
 
 class Oracle:

@@ -3,7 +3,8 @@
 `python -m conceptbench.world.quality [MODELS] [--out DIR]` prints one table (of the shipped models
 when MODELS is not given):
 - the oracle on clean held-out renders (every head);
-- the autoencoder: PSNR and the oracle on its reconstructions;
+- the autoencoder: PSNR and the oracle on its reconstructions (of held-out scenes, of the subjects, and
+  of impostors: other classes in a subject's colours);
 - the base model: the oracle on its samples of held-out captions (combinations no model saw);
 - the toy CLIP: caption -> image retrieval top-1 among 100 held-out candidates;
 - the toy DINO: is a subject view's nearest neighbour another view of that subject;
@@ -27,6 +28,8 @@ BARS = {  # (measure, minimum)
     "base background": 0.95,
     "base colour": 0.90,
     "base position": 0.85,
+    "vae subject": 0.90,  # a subject drawn as well as the autoencoder can draw it reads as the subject,
+    "vae impostor rejected": 0.90,  # and another class in its colours does not
     "clip retrieval top-1 of 100": 0.80,
     "dino subject nearest neighbour": 0.90,
     "aesthetic spearman": 0.80,
@@ -78,6 +81,22 @@ def measure(root: Path, n: int = 200) -> dict:
     res["vae psnr"] = float(10 * np.log10(255.0**2 / np.mean((rec.astype(float) - clean.astype(float)) ** 2)))
     for k, v in orc.accuracy(oracle.read(list(rec)), truths, ["background", "colour", "position", "shape"]).items():
         res[f"vae {k}"] = v
+    # The best any generator can draw a subject is the decoder's rendering of it: does the oracle read that?
+    hits = []
+    for k, subject in enumerate(sc.SUBJECTS):
+        views = wd.images(sc.subject_views(subject, n // 4, seed=300 + k))
+        with torch.no_grad():
+            y = vae.decode(vae.encode(wd.to_tensor(views)).latent_dist.mean).sample.clamp(-1, 1)
+        rec = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        hits += [r["subject"] == subject for r in oracle.read(list(rec))]
+    res["vae subject"] = float(np.mean(hits))
+    # and not another class in a subject's colours (oracle.impostor_scene)
+    rng = wd.rng_for(0, "impostors", 0)
+    fakes = wd.images([orc.impostor_scene(rng) for _ in range(n // 2)])
+    with torch.no_grad():
+        y = vae.decode(vae.encode(wd.to_tensor(fakes)).latent_dist.mean).sample.clamp(-1, 1)
+    rec = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    res["vae impostor rejected"] = float(np.mean([r["subject"] == "none" for r in oracle.read(list(rec))]))
 
     pipe = StableDiffusionPipeline.from_pretrained(str(root / "sd"), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
