@@ -253,19 +253,20 @@ def test_changing_sampling_reruns_no_training(tiny_run, tmp_path):
     assert "train" not in counts and counts["sample"] == n and counts["evaluate"] == n
 
 
-def test_a_newer_shipped_world_model_reruns_what_used_it(tiny_run):
-    """A rebuilt or pulled oracle (`make world`): its install and every evaluation it scores run again, and
-    no training or sampling."""
+def test_a_changed_shipped_world_model_reruns_what_used_it(tiny_run):
+    """A rebuilt or pulled oracle (`make world`, a pull): its install and every evaluation it scores run
+    again, and no training or sampling."""
     from conceptbench.world.shipped import SHIPPED
 
     work, config = tiny_run
-    weights = SHIPPED / "oracle" / "model.safetensors"
-    before = weights.stat()
+    shipped = SHIPPED / "oracle" / "config.json"
+    before = shipped.read_bytes()
     try:
-        os.utime(weights)  # now: newer than the copy the run installed
+        # Changed content (still valid JSON). Snakemake compares checksums: a file merely touched reruns nothing.
+        shipped.write_bytes(before + b"\n")
         counts = job_counts(snakemake(work, "-n", "--configfile", str(config)).stdout)
     finally:
-        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+        shipped.write_bytes(before)
     n = sum(len(v) for v in TINY_VARIANTS.values()) + sum(len(b) for b in TINY_BASELINES.values())
     assert counts["install_world_model"] == 1 and counts["evaluate"] == n, counts
     assert "train" not in counts and "sample" not in counts, counts

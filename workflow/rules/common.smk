@@ -59,8 +59,9 @@ def model_spec(wildcards):
 
 
 def shipped_world_files(wildcards):
-    """The files of the shipped toy-world model an install copies: a rebuilt or updated model (`make world`,
-    a pull) is newer than its installed copy, so the install and everything that used it run again."""
+    """The files of the shipped toy-world model an install copies: when a rebuilt or pulled model changes
+    them (`make world`, a pull), the install and everything that used it run again. Snakemake compares
+    their checksums, so a checkout that only touches them reruns nothing."""
     from conceptbench.world.shipped import SHIPPED
 
     folder = SHIPPED / MODELS[wildcards.model]["world"]
