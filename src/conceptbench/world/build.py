@@ -429,11 +429,14 @@ WORKERS = (("vae",), ("clip", "aesthetic", "dino", "oracle"))
 
 
 def _wait_for(out: Path, names, poll: float = 10.0, procs=()) -> None:
+    waited = 0.0
     while missing := [n for n in names if not (out / n).is_dir()]:
         if any(p.poll() for p in procs):  # a worker that would have built it failed
             raise SystemExit(f"a worker of the build failed while {', '.join(missing)} was awaited; see {out / 'build.log'}")
-        log.info("waiting for %s", ", ".join(missing))
+        if waited % 300 == 0:  # a line every five minutes, not every poll
+            log.info("waiting for %s", ", ".join(missing))
         time.sleep(poll)
+        waited += poll
 
 
 def _start_workers(args) -> list:

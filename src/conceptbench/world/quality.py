@@ -52,6 +52,13 @@ def sample(pipe, prompts: list[str], seed: int, steps: int = 30, guidance: float
     return np.concatenate(out)
 
 
+def reconstruct(vae, images: np.ndarray) -> np.ndarray:
+    """The autoencoder's rendering of uint8 images (N x H x W x 3): encoded to the latent mean, decoded."""
+    with torch.no_grad():
+        y = vae.decode(vae.encode(wd.to_tensor(images)).latent_dist.mean).sample.clamp(-1, 1)
+    return ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def spearman(a, b) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -74,29 +81,20 @@ def measure(root: Path, n: int = 200) -> dict:
         res[f"oracle clean {k}"] = v
 
     vae = AutoencoderKL.from_pretrained(str(root / "sd" / "vae")).eval()
-    with torch.no_grad():
-        x = wd.to_tensor(clean)
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    rec = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rec = reconstruct(vae, clean)
     res["vae psnr"] = float(10 * np.log10(255.0**2 / np.mean((rec.astype(float) - clean.astype(float)) ** 2)))
     for k, v in orc.accuracy(oracle.read(list(rec)), truths, ["background", "colour", "position", "shape"]).items():
         res[f"vae {k}"] = v
     # The best any generator can draw a subject is the decoder's rendering of it: does the oracle read that?
     hits = []
     for k, subject in enumerate(sc.SUBJECTS):
-        views = wd.images(sc.subject_views(subject, n // 4, seed=300 + k))
-        with torch.no_grad():
-            y = vae.decode(vae.encode(wd.to_tensor(views)).latent_dist.mean).sample.clamp(-1, 1)
-        rec = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        hits += [r["subject"] == subject for r in oracle.read(list(rec))]
+        views = reconstruct(vae, wd.images(sc.subject_views(subject, n // 4, seed=300 + k)))
+        hits += [r["subject"] == subject for r in oracle.read(list(views))]
     res["vae subject"] = float(np.mean(hits))
     # and not another class in a subject's colours (oracle.impostor_scene)
     rng = wd.rng_for(0, "impostors", 0)
-    fakes = wd.images([orc.impostor_scene(rng) for _ in range(n // 2)])
-    with torch.no_grad():
-        y = vae.decode(vae.encode(wd.to_tensor(fakes)).latent_dist.mean).sample.clamp(-1, 1)
-    rec = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    res["vae impostor rejected"] = float(np.mean([r["subject"] == "none" for r in oracle.read(list(rec))]))
+    fakes = reconstruct(vae, wd.images([orc.impostor_scene(rng) for _ in range(n // 2)]))
+    res["vae impostor rejected"] = float(np.mean([r["subject"] == "none" for r in oracle.read(list(fakes))]))
 
     pipe = StableDiffusionPipeline.from_pretrained(str(root / "sd"), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
