@@ -140,6 +140,37 @@ def test_the_builder_stops_waiting_when_the_worker_it_waits_for_fails(tmp_path, 
         build._wait_for(tmp_path, ["vae", "clip"], poll=0.0, procs=[Exited(None), Exited(1)])
 
 
+def test_the_unet_takes_every_core_only_once_the_workers_are_done(monkeypatch):
+    """Two torch threads beside a one-thread worker oversubscribe two cores: the main process runs on one
+    thread while any worker lives, and on all of its cores once none does."""
+    from conceptbench.world import build
+
+    class Worker:
+        code = None
+
+        def poll(self):
+            return self.code
+
+    threads = [4]
+    monkeypatch.setattr(build.torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(build.torch, "set_num_threads", threads.append)
+    a, b = Worker(), Worker()
+    share = build.CoreShare([a, b], cores=4)
+    assert share() == 1 and threads == [4, 1]
+    a.code = 0
+    assert share() == 1 and threads == [4, 1]  # one worker still runs
+    b.code = 0
+    assert share() == 4 and threads == [4, 1, 4]
+    assert share() == 4 and threads == [4, 1, 4]  # nothing set again
+    assert build.CoreShare([], cores=4)() == 4  # a build without workers keeps its cores
+
+    asked = []  # and training asks it as it goes, not once
+    monkeypatch.setattr(build, "SHARE", lambda: asked.append(1))
+    w = torch.nn.Parameter(torch.ones(2))
+    build.fit("t", [w], 41, 1e-2, lambda step: (w * w).sum())
+    assert len(asked) == 3  # steps 0, 20, 40
+
+
 @pytest.fixture(scope="module")
 def reduced_world(tmp_path_factory):
     """The whole builder at its reduced size, end to end (models that load and run, not good ones)."""

@@ -63,6 +63,27 @@ def _cosine(step: int, steps: int, warmup: int = 50) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+class CoreShare:
+    """This process's torch threads: one while a worker of the build still runs beside it, every core after.
+
+    On two cores, a U-Net step on two threads took 0.29 s alone, 1.31 s beside a busy one-thread process
+    and 0.47 s on one thread beside it (2-core VM, 2026-12-03): two threads beside a worker oversubscribe
+    the cores, and each waits for the other at every operation."""
+
+    def __init__(self, procs=(), cores: int | None = None):
+        self.procs, self.cores = list(procs), cores or torch.get_num_threads()
+
+    def __call__(self) -> int:
+        n = 1 if any(p.poll() is None for p in self.procs) else self.cores
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+            log.info("torch threads: %d (%s)", n, "a worker runs beside" if n == 1 else "the workers are done")
+        return n
+
+
+SHARE = CoreShare()  # main() gives it the workers of a parallel build; fit() asks it every few steps
+
+
 def fit(name: str, params, steps: int, lr: float, loss_of_step, weight_decay: float = 0.0) -> list[float]:
     """AdamW with warm-up and cosine decay; a progress bar and a log line every tenth of the run."""
     from tqdm import tqdm
@@ -73,6 +94,8 @@ def fit(name: str, params, steps: int, lr: float, loss_of_step, weight_decay: fl
     losses, t0 = [], time.time()
     bar = tqdm(range(steps), desc=name, unit="step", mininterval=2.0)
     for step in bar:
+        if step % 20 == 0:
+            SHARE()
         loss = loss_of_step(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -422,9 +445,10 @@ STAGES = {"vae": build_vae, "clip": build_clip, "sd": build_sd, "dino": build_di
           "oracle": build_oracle}
 NEEDS = {"sd": ("vae", "clip"), "aesthetic": ("clip",), "oracle": ("vae",)}
 # Two workers of one thread each, the VAE on one and the rest but the U-Net on the other (the oracle, which
-# reads the VAE's reconstructions, last, waiting for it), while this process builds the U-Net on every core
-# as soon as the VAE and CLIP are there. Run as a third stage of the first worker, the U-Net had one thread,
-# and the other core idled through all but 27 s of its 42 min.
+# reads the VAE's reconstructions, last, waiting for it), while this process builds the U-Net as soon as the
+# VAE and CLIP are there: on one thread while the oracle's worker still runs, on every core after (CoreShare).
+# Run as a third stage of the first worker, the U-Net had one thread, and the other core idled through all
+# but 27 s of its 42 min.
 WORKERS = (("vae",), ("clip", "aesthetic", "dino", "oracle"))
 
 
@@ -469,6 +493,7 @@ def build_stage(name: str, args, sizes: Sizes, procs=()) -> None:
         import shutil
 
         shutil.rmtree(tmp)
+    SHARE()  # what a stage prepares before its first step shares the cores too
     STAGES[name](args.out, tmp, sizes, args.seed)
     tmp.rename(folder)
     log.info("%s: built in %.0f s", name, time.time() - t0)
@@ -482,8 +507,8 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=list(STAGES))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--parallel", action="store_true",
-                    help="build in two one-thread workers (vae | clip, aesthetic, dino, oracle), and sd on every core "
-                         "as soon as vae and clip are built")
+                    help="build in two one-thread workers (vae | clip, aesthetic, dino, oracle), and sd as soon as vae "
+                         "and clip are built: on one thread while a worker runs, on every core after")
     ap.add_argument("--wait", action="store_true", help="wait for stages that another worker builds")
     ap.add_argument("--ship", type=Path, default=None, metavar="DIR",
                     help="then measure the models (quality.md) and export them in fp16 to DIR "
@@ -499,6 +524,7 @@ def main(argv=None):
     procs = []
     if args.parallel:
         procs, args.wait = _start_workers(args), True
+        SHARE.procs = procs
     in_workers = {name for w in WORKERS for name in w} if procs else set()
     try:
         for name in args.stages:
