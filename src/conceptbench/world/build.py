@@ -74,6 +74,8 @@ class CoreShare:
         self.procs, self.cores = list(procs), cores or torch.get_num_threads()
 
     def __call__(self) -> int:
+        if not self.procs:  # nothing runs beside: the threads stay as set (a worker's one, or --threads)
+            return torch.get_num_threads()
         n = 1 if any(p.poll() is None for p in self.procs) else self.cores
         if n != torch.get_num_threads():
             torch.set_num_threads(n)
@@ -524,7 +526,7 @@ def main(argv=None):
     procs = []
     if args.parallel:
         procs, args.wait = _start_workers(args), True
-        SHARE.procs = procs
+        SHARE.procs, SHARE.cores = procs, torch.get_num_threads()
     in_workers = {name for w in WORKERS for name in w} if procs else set()
     try:
         for name in args.stages:
