@@ -172,6 +172,47 @@ def test_the_unet_takes_every_core_only_once_the_workers_are_done(monkeypatch):
     assert len(asked) == 3  # steps 0, 20, 40
 
 
+def test_a_twin_differs_from_its_scene_in_one_attribute_and_in_its_caption_only_there():
+    from conceptbench.world import build
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = sc.sample_scene(rng, pair_p=0.0, omit_p=0.0, accessory_p=0.0)
+        thing = scene.things[0]
+        twin = build.attribute_twin(rng, scene, "position")
+        (r, c), (r2, c2) = thing.cell, twin.things[0].cell
+        assert abs(r - r2) + abs(c - c2) == 1  # a neighbouring cell, never the same one
+        assert sc.cell_of(twin.things[0].cx, twin.things[0].cy) == (r2, c2)  # drawn where its caption says
+        assert sc.caption(scene).replace(sc.POSITIONS[(r, c)], sc.POSITIONS[(r2, c2)]) == sc.caption(twin)
+
+        twin = build.attribute_twin(rng, scene, "shape")
+        other = twin.things[0]
+        assert other.cls != thing.cls and not sc.is_held_out(other, twin.background)
+        assert (other.cell, other.cx, other.radius, other.colour) == (thing.cell, thing.cx, thing.radius, thing.colour)
+        words = [other.cls if w == thing.cls else w for w in sc.caption(scene).split()]
+        assert " ".join(words) == sc.caption(twin)
+        assert not np.array_equal(sc.render(scene), sc.render(twin))  # drawn as the other class
+        assert scene.things[0].cell == (r, c) and scene.things[0].cls == thing.cls  # the scene is left as it was
+
+
+def test_the_clip_batches_twins_stay_out_of_the_held_out_combinations_and_off_the_subjects():
+    from conceptbench.world import build
+
+    rng = np.random.default_rng(1)
+    pool = [build.clip_scene(rng) for _ in range(400)]
+    index, twins, kinds = build.twin_pool(0, pool, 40)
+    assert kinds.count("position") == kinds.count("shape") == 40
+    for i, twin, kind in zip(index, twins, kinds):
+        scene = pool[i]
+        assert len(scene.things) == 1 and scene.things[0].subject is None
+        assert not sc.is_held_out(twin.things[0], twin.background)
+        assert sc.caption(twin) != sc.caption(scene)
+        if kind == "shape":
+            assert scene.accessory not in build.WORN  # sunglasses and bandanas are worn by dogs and toys alone
+        else:
+            assert scene.say["position"]
+
+
 @pytest.fixture(scope="module")
 def reduced_world(tmp_path_factory):
     """The whole builder at its reduced size, end to end (models that load and run, not good ones)."""

@@ -176,6 +176,54 @@ def clip_image_tensor(imgs: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+# Per CLIP batch and per attribute: scenes that come with a twin differing in that attribute alone (hard
+# negatives). Among random captions the words for position and shape hardly matter to the contrastive loss,
+# and the text encoder barely told them apart: "at the top right" and "at the top" 6.8 apart in the 77
+# states, the six class names at least 3.5 apart, against 19.1 for two colours.
+TWINS = {"position": 16, "shape": 16}
+WORN = ("sunglasses", "bandana")  # accessories only dogs and toys are drawn with (scene._draw)
+
+
+def attribute_twin(rng: np.random.Generator, scene, attribute: str):
+    """The scene with its one object changed in `attribute` alone: moved to a neighbouring grid cell
+    ("position") or drawn as another class ("shape", never one of the held-out combinations). Its caption,
+    made again, differs from the scene's in that attribute's words only."""
+    import copy
+
+    from .scene import CLASSES, HELD_OUT, _place
+
+    twin = copy.deepcopy(scene)
+    thing = twin.things[0]
+    if attribute == "position":
+        r, c = thing.cell
+        cells = [(r + dr, c + dc) for dr, dc in ((0, 1), (0, -1), (1, 0), (-1, 0)) if 0 <= r + dr < 3 and 0 <= c + dc < 3]
+        _place(rng, thing, cells[int(rng.integers(len(cells)))])
+    elif attribute == "shape":
+        if twin.accessory in WORN:
+            raise ValueError("only dogs and toys wear sunglasses and bandanas: no other shape for this one")
+        classes = [k for k in CLASSES if k != thing.cls and (k, thing.colour, twin.background) not in HELD_OUT]
+        thing.cls = classes[int(rng.integers(len(classes)))]
+    else:
+        raise ValueError(f"no twin for {attribute!r}")
+    return twin
+
+
+def twin_pool(seed: int, scenes: list, per_attribute: int) -> tuple[list[int], list, list[str]]:
+    """(index of each twinned scene, its twin, the attribute changed): for each attribute, the first
+    `per_attribute` single-object base scenes whose caption names it (a subject keeps its shape)."""
+    rng = wd.rng_for(seed, "clip-twins", 0)
+    names = {"position": lambda s: s.say["position"], "shape": lambda s: s.accessory not in WORN}
+    index, twins, kinds = [], [], []
+    for attribute in TWINS:
+        eligible = [i for i, s in enumerate(scenes)
+                    if len(s.things) == 1 and s.things[0].subject is None and names[attribute](s)]
+        for i in eligible[:per_attribute]:
+            index.append(i)
+            twins.append(attribute_twin(rng, scenes[i], attribute))
+            kinds.append(attribute)
+    return index, twins, kinds
+
+
 def build_clip(root: Path, out: Path, sizes: Sizes, seed: int):
     import open_clip
     from safetensors.torch import save_file
@@ -183,12 +231,23 @@ def build_clip(root: Path, out: Path, sizes: Sizes, seed: int):
     torch.manual_seed(seed)
     model = open_clip.CLIP(**CLIP)
     n = max(sizes.clip_batch * 4, min(40000, sizes.clip_steps * sizes.clip_batch // 4))
-    imgs, captions, _ = captioned_pool(seed, "clip", n, clip_scene)
+    imgs, captions, scenes = captioned_pool(seed, "clip", n, clip_scene)
+    index, twins, kinds = twin_pool(seed, scenes, n // 8)
+    imgs = np.concatenate([imgs, wd.images(twins)])
+    captions = captions + [caption(s) for s in twins]
     x_all, t_all = clip_image_tensor(imgs), open_clip.tokenize(captions)
+    index, kinds = torch.tensor(index), np.array(kinds)
+    by_kind = {a: torch.from_numpy(np.flatnonzero(kinds == a)) for a in TWINS}
 
     def loss(step):
         g = torch.Generator().manual_seed(seed * 100003 + step)
-        idx = torch.randperm(n, generator=g)[: sizes.clip_batch]
+        picks = []
+        for attribute, rows in by_kind.items():  # scenes and their twins, side by side in the batch
+            k = min(TWINS[attribute], len(rows), sizes.clip_batch // (4 * len(TWINS)))
+            picks.append(rows[torch.randperm(len(rows), generator=g)[:k]])
+        pick = torch.cat(picks)
+        rest = torch.randperm(n, generator=g)[: sizes.clip_batch - 2 * len(pick)]
+        idx = torch.cat([index[pick], n + pick, rest])
         img = torch.nn.functional.normalize(model.encode_image(x_all[idx]), dim=-1)
         txt = torch.nn.functional.normalize(model.encode_text(t_all[idx]), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
