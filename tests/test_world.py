@@ -74,6 +74,27 @@ def test_analytic_oracle_says_so_when_there_is_no_object():
     assert read["background"] == "at night" and read["colour"] is None and read["position"] is None
 
 
+def test_the_oracles_prompt_accuracy_is_the_share_of_what_the_prompt_names_that_it_reads():
+    class Reads:  # an oracle that reads what it is told to
+        def __init__(self, reads):
+            self.reads = reads
+
+        def read(self, images):
+            return self.reads
+
+    prompt = "a photo of a red ball at the top on the beach"
+    asked = sc.parse_prompt(prompt)
+    assert set(asked) >= {"colour", "shape", "position", "background"}
+    named = [a for a in orc.ATTRIBUTES if a in asked]
+    right = {**asked, "shape": "box", "colour": None}  # two of what it names wrong
+    img = np.zeros((sc.SIZE, sc.SIZE, 3), np.uint8)
+    out = orc.score_images(Reads([right, asked]), [img, img], [prompt, prompt], None)
+    assert out["oracle_prompt"][0] == pytest.approx((len(named) - 2) / len(named))
+    assert out["oracle_prompt"][1] == 1.0
+    out = orc.score_images(Reads([right]), [img], ["a photo"], None)  # names none of them
+    assert np.isnan(out["oracle_prompt"][0])
+
+
 def test_ground_truth_aesthetic_prefers_big_centred_contrasting_objects():
     good = sc.Scene([sc.Thing("ball", "yellow", radius=7.5, cx=16, cy=16, cell=(1, 1))], "at night")
     bad = sc.Scene([sc.Thing("ball", "blue", radius=4.7, cx=7, cy=7, cell=(0, 0))], "at night", accessory="bucket")

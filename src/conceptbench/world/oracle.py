@@ -185,7 +185,8 @@ def score_images(oracle: "Oracle", images: list[np.ndarray], prompts: list[str],
     """Per-image oracle columns for the evaluation table.
 
     oracle_<attribute>: 1 when the image shows what its prompt names (NaN where the prompt does not name
-    it); oracle_subject: 1 when `subject` is the one drawn (NaN without a subject); oracle_ninja: 1 when
+    it); oracle_prompt: the share of what the prompt names that the image shows (NaN where it names none of
+    them); oracle_subject: 1 when `subject` is the one drawn (NaN without a subject); oracle_ninja: 1 when
     the image is drawn in the held-out ninja style; true_aesthetic: the world's aesthetic formula applied
     to what the oracle measures in the image (colours, place, size).
     """
@@ -196,6 +197,10 @@ def score_images(oracle: "Oracle", images: list[np.ndarray], prompts: list[str],
         for a in ATTRIBUTES:
             if a in asked:
                 out[f"oracle_{a}"][i] = float(read.get(a) == asked[a])
+    named = np.stack([out[f"oracle_{a}"] for a in ATTRIBUTES], axis=1)
+    asked_any = np.isfinite(named).any(axis=1)
+    out["oracle_prompt"] = np.full(len(images), np.nan)
+    out["oracle_prompt"][asked_any] = np.nanmean(named[asked_any], axis=1)
     out["oracle_subject"] = np.array([float(r["subject"] == subject) if subject else np.nan for r in reads])
     out["oracle_ninja"] = np.array([float(r["style"] == "ninja") for r in reads])
     out["true_aesthetic"] = np.array([measured_aesthetic(im, r) for im, r in zip(images, reads)])
