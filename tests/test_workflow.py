@@ -317,13 +317,13 @@ def test_a_failed_variant_is_redone_alone(tiny_run):
 # --- Does it learn? In the toy world the embedded default's methods must move what they teach -----
 # On the base's own (prompt, seed) pairs, the best variant's paired delta has its 95 % bootstrap
 # interval above zero. oracle_* are the toy world's ground truth (world/oracle.py): the subject drawn,
-# the ninja style drawn, the prompt's background and colour drawn; true_aesthetic is the world's formula.
+# the ninja style drawn, the share of what the prompt names that is drawn; true_aesthetic is the world's formula.
 LEARNS = {
     "dreambooth": ["clip_i", "dino_i", "oracle_subject"],
     "textual_inversion": ["clip_i", "dino_i", "oracle_subject"],
     "custom_diffusion": ["clip_i", "dino_i", "oracle_subject"],
     "lora": ["oracle_ninja"],
-    "lcm": ["oracle_colour"],  # the student at 4 steps over the teacher at 4 DDIM steps
+    "lcm": ["oracle_prompt"],  # the student at 4 steps over the teacher at 4 DDIM steps
     "ddpo": ["aesthetic", "true_aesthetic"],
 }
 # What does not learn yet, measured on the embedded default (2026-12-03), each an explicit strict xfail:

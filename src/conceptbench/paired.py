@@ -30,10 +30,11 @@ N_BOOT = 1000
 # The metric a task is judged on, in order of preference: the first one with a paired delta picks an
 # experiment's best variant for the "Does it learn?" table. The toy world's ground truth (oracle_*,
 # world/oracle.py) comes first where it exists; the study's metrics otherwise. LCM is judged by the
-# colour drawn (the teacher at 4 DDIM steps keeps the background and loses the colour); DDPO by its
-# reward, the learned aesthetic: what it optimises (its gap to the true one is aesthetic_excess).
+# share of what the prompt names that the image shows (a teacher cut to 4 DDIM steps loses some of it,
+# which part depends on the base model); DDPO by its reward, the learned aesthetic: what it optimises
+# (its gap to the true one is aesthetic_excess).
 TARGETS = {"subject": ["oracle_subject", "dino_i", "clip_i"], "style": ["oracle_ninja", "clip_t"],
-           "acceleration": ["oracle_colour", "clip_t"], "reward": ["aesthetic"]}
+           "acceleration": ["oracle_prompt", "clip_t"], "reward": ["aesthetic"]}
 
 
 def mean_with_interval(values, seed: int = 0) -> tuple[float, float, float]:
