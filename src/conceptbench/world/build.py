@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import data as wd
-from .scene import SUBJECTS, caption, sample_scene
+from .scene import SUBJECTS, WORN, caption, sample_scene
 
 log = logging.getLogger("conceptbench.world")
 
@@ -183,7 +183,6 @@ def clip_image_tensor(imgs: np.ndarray) -> torch.Tensor:
 # the two positions (base position 95.5 %, was 86.5), still 2.9 for the closest class names (base shape
 # 43 %, was 51.5; docs/toyworld.md). The shipped world was built with both.
 TWINS = {"position": 16, "shape": 16}
-WORN = ("sunglasses", "bandana")  # accessories only dogs and toys are drawn with (scene._draw)
 
 
 def attribute_twin(rng: np.random.Generator, scene, attribute: str):

@@ -164,6 +164,9 @@ def sample_scene(
             return s
 
 
+WORN = ("sunglasses", "bandana")  # the accessories only dogs and toys are drawn with
+
+
 def _draw(rng, subject, style, pair_p, accessory_p, omit_p) -> Scene:
     background = str(rng.choice(list(BACKGROUNDS)))
     style = style or str(rng.choice(BASE_STYLES, p=[0.8, 0.2]))
@@ -180,7 +183,7 @@ def _draw(rng, subject, style, pair_p, accessory_p, omit_p) -> Scene:
         thing = Thing(str(rng.choice(CLASSES)), str(rng.choice(list(COLOURS))), radius=_radius(rng))
     _place(rng, thing, (int(rng.integers(3)), int(rng.integers(3))))
     accessory = str(rng.choice(list(ACCESSORIES))) if rng.random() < accessory_p else None
-    if accessory in ("sunglasses", "bandana") and thing.cls not in ("dog", "toy"):
+    if accessory in WORN and thing.cls not in ("dog", "toy"):
         accessory = None  # only the animals and toys wear things
     return Scene([thing], background, style, accessory, say)
 
