@@ -235,6 +235,24 @@ def test_the_clip_batches_twins_stay_out_of_the_held_out_combinations_and_off_th
             assert scene.say["position"]
 
 
+def test_the_dino_sees_about_half_its_views_as_the_autoencoder_draws_them_and_the_rest_clean():
+    from diffusers import AutoencoderKL
+
+    from conceptbench.world import build
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).eval()
+    clean = build.identity_views(np.random.default_rng(3), 64)
+    views = build.dino_views(np.random.default_rng(3), 64, vae)
+    for c, v in zip(clean, views):
+        same = (c == v).all(axis=(1, 2, 3))
+        assert 0.3 < same.mean() < 0.7  # DINO_RECONSTRUCTED of them, drawn for each view on its own
+        np.testing.assert_array_equal(v[~same], wd.reconstruct(vae, c[~same]))
+    # the two views of a pair are picked apart: some pairs are clean beside drawn
+    assert ((clean[0] == views[0]).all(axis=(1, 2, 3)) != (clean[1] == views[1]).all(axis=(1, 2, 3))).any()
+
+
 @pytest.fixture(scope="module")
 def reduced_world(tmp_path_factory):
     """The whole builder at its reduced size, end to end (models that load and run, not good ones)."""
