@@ -7,7 +7,9 @@ when MODELS is not given):
   of impostors: other classes in a subject's colours);
 - the base model: the oracle on its samples of held-out captions (combinations no model saw);
 - the toy CLIP: caption -> image retrieval top-1 among 100 held-out candidates;
-- the toy DINO: is a subject view's nearest neighbour another view of that subject;
+- the toy DINO: is a subject view's nearest neighbour another view of that subject; does the decoder's
+  drawing of a subject score nearer the subject's photographs than its drawing of a classmate or an impostor
+  (the ranking DINO-I relies on);
 - the aesthetic head: Spearman correlation with the ground truth on held-out renders.
 """
 
@@ -32,6 +34,7 @@ BARS = {  # (measure, minimum)
     "vae impostor rejected": 0.90,  # and another class in its colours does not
     "clip retrieval top-1 of 100": 0.80,
     "dino subject nearest neighbour": 0.90,
+    "dino drawn subject over drawn others": 0.90,  # DINO-I ranks the decoder's subject above its classmates, impostors
     "aesthetic spearman": 0.80,
 }
 
@@ -50,13 +53,6 @@ def sample(pipe, prompts: list[str], seed: int, steps: int = 30, guidance: float
                     output_type="np").images
         out.append(np.clip(np.rint(imgs * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)
-
-
-def reconstruct(vae, images: np.ndarray) -> np.ndarray:
-    """The autoencoder's rendering of uint8 images (N x H x W x 3): encoded to the latent mean, decoded."""
-    with torch.no_grad():
-        y = vae.decode(vae.encode(wd.to_tensor(images)).latent_dist.mean).sample.clamp(-1, 1)
-    return ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def spearman(a, b) -> float:
@@ -81,19 +77,19 @@ def measure(root: Path, n: int = 200) -> dict:
         res[f"oracle clean {k}"] = v
 
     vae = AutoencoderKL.from_pretrained(str(root / "sd" / "vae")).eval()
-    rec = reconstruct(vae, clean)
+    rec = wd.reconstruct(vae, clean)
     res["vae psnr"] = float(10 * np.log10(255.0**2 / np.mean((rec.astype(float) - clean.astype(float)) ** 2)))
     for k, v in orc.accuracy(oracle.read(list(rec)), truths, ["background", "colour", "position", "shape"]).items():
         res[f"vae {k}"] = v
     # The best any generator can draw a subject is the decoder's rendering of it: does the oracle read that?
     hits = []
     for k, subject in enumerate(sc.SUBJECTS):
-        views = reconstruct(vae, wd.images(sc.subject_views(subject, n // 4, seed=300 + k)))
+        views = wd.reconstruct(vae, wd.images(sc.subject_views(subject, n // 4, seed=300 + k)))
         hits += [r["subject"] == subject for r in oracle.read(list(views))]
     res["vae subject"] = float(np.mean(hits))
     # and not another class in a subject's colours (oracle.impostor_scene)
     rng = wd.rng_for(0, "impostors", 0)
-    fakes = reconstruct(vae, wd.images([orc.impostor_scene(rng) for _ in range(n // 2)]))
+    fakes = wd.reconstruct(vae, wd.images([orc.impostor_scene(rng) for _ in range(n // 2)]))
     res["vae impostor rejected"] = float(np.mean([r["subject"] == "none" for r in oracle.read(list(fakes))]))
 
     pipe = StableDiffusionPipeline.from_pretrained(str(root / "sd"), safety_checker=None)
@@ -113,7 +109,7 @@ def measure(root: Path, n: int = 200) -> dict:
     res["clip retrieval top-1 of 100"] = float(torch.cat(hits).mean())
 
     dino = DinoEncoder.load(root / "dino", device="cpu")
-    nn_hits = []
+    nn_hits, ranked = [], []
     for k, subject in enumerate(sc.SUBJECTS):
         views = sc.subject_views(subject, 8, seed=100 + k)
         rng = wd.rng_for(0, f"classmates-{subject}", 0)
@@ -123,7 +119,20 @@ def measure(root: Path, n: int = 200) -> dict:
         sim = emb @ emb.T
         sim.fill_diagonal_(-2)
         nn_hits += (sim[: len(views)].argmax(1) < len(views)).tolist()
+        # DINO-I's question about generated images, which are the decoder's: is its drawing of the subject
+        # nearer the subject's photographs than its drawing of a classmate or of an impostor?
+        drawn = wd.reconstruct(vae, wd.images(sc.subject_views(subject, 16, seed=500 + k)))
+        impostors = []
+        while len(impostors) < 16:
+            fake = orc.impostor_scene(rng)
+            if fake.style == "photo" and fake.accessory is None:
+                impostors.append(fake)
+        others = wd.reconstruct(vae, wd.images(mates + impostors))
+        refs = emb[: len(views)]
+        pos, neg = ((dino.encode_images([Image.fromarray(im) for im in x]) @ refs.T).mean(1) for x in (drawn, others))
+        ranked.append((pos[:, None] > neg[None, :]).float().mean().item())
     res["dino subject nearest neighbour"] = float(np.mean(nn_hits))
+    res["dino drawn subject over drawn others"] = float(np.mean(ranked))
 
     from .build import aesthetic_data, load_clip
 
