@@ -326,15 +326,12 @@ LEARNS = {
     "lcm": ["oracle_prompt"],  # the student at 4 steps over the teacher at 4 DDIM steps
     "ddpo": ["aesthetic", "true_aesthetic"],
 }
-# What does not learn yet, measured on the embedded default (2026-12-03), each an explicit strict xfail:
+# What does not learn yet, measured on the embedded default (2026-12-04), each an explicit strict xfail:
 # it fails the day it starts to learn, and then belongs in LEARNS proper.
 NOT_YET = {
-    ("textual_inversion", "dino_i"): "4 vectors draw the cat toy in 8 of 24 images (+0.33 [+0.17, +0.50]) and move CLIP-I "
-                                     "(+0.13 [+0.04, +0.21]), not the toy DINO (best +0.03 [-0.06, +0.12]): the base's "
-                                     "toys on a table already score 0.33, the learned ones in the snow fall to 0.01",
     ("custom_diffusion", "dino_i"): "crossattn draws the dog in 7 of 24 images (+0.29 [+0.13, +0.50]; CLIP-I +0.22 "
-                                    "[+0.12, +0.32]), but the toy DINO scores its other images below the base's (on "
-                                    "grassy field 0.14 to -0.05): DINO-I -0.02 [-0.16, +0.14]",
+                                    "[+0.12, +0.32]), DINO-I +0.11 [-0.07, +0.30]: the dogs on grassy field stay the "
+                                    "base's pink and orange",
 }
 
 
@@ -376,8 +373,10 @@ def test_prior_preservation_keeps_the_class_prompt_off_the_subject(tiny_run):
 
 
 def test_the_learning_test_fails_when_training_is_a_no_op(tmp_path):
-    """DreamBooth with a learning rate too small to change one weight (the schema refuses 0): the variant
-    draws what the base draws, and no delta's interval lies above zero."""
+    """DreamBooth with a learning rate too small to change one weight (the schema refuses 0): no delta's
+    interval lies above zero. The untrained variant does not draw what the base draws: its prompts carry
+    the identifier ("sks dog in a bucket"), the base's the class phrase ("a dog in a bucket"), and the
+    identifier alone moves the images (DINO-I -0.13 [-0.26, -0.01], 2026-12-04), never toward the subject."""
     cfg = copy.deepcopy(TINY)
     cfg["experiments"] = {"dreambooth": cfg["experiments"]["dreambooth"]}
     exp = cfg["experiments"]["dreambooth"]
@@ -388,4 +387,4 @@ def test_the_learning_test_fails_when_training_is_a_no_op(tmp_path):
     summary = pd.read_csv(tmp_path / "results/tables/summary.csv")
     for metric in LEARNS["dreambooth"]:
         ok, numbers = learned(summary, "dreambooth", metric)
-        assert not ok and numbers["_delta_lo"] <= 0 <= numbers["_delta_hi"], (metric, numbers)
+        assert not ok, (metric, numbers)
