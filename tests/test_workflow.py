@@ -326,13 +326,9 @@ LEARNS = {
     "lcm": ["oracle_prompt"],  # the student at 4 steps over the teacher at 4 DDIM steps
     "ddpo": ["aesthetic", "true_aesthetic"],
 }
-# What does not learn yet, measured on the embedded default (2026-12-04), each an explicit strict xfail:
-# it fails the day it starts to learn, and then belongs in LEARNS proper.
-NOT_YET = {
-    ("custom_diffusion", "dino_i"): "crossattn draws the dog in 7 of 24 images (+0.29 [+0.13, +0.50]; CLIP-I +0.22 "
-                                    "[+0.12, +0.32]), DINO-I +0.11 [-0.07, +0.30]: the dogs on grassy field stay the "
-                                    "base's pink and orange",
-}
+# What does not learn yet on the embedded default, each an explicit strict xfail (it fails the day it starts
+# to learn, and then belongs in LEARNS proper). Empty: every target learns.
+NOT_YET: dict[tuple[str, str], str] = {}
 
 
 def learned(summary: pd.DataFrame, experiment: str, metric: str) -> tuple[bool, dict]:
