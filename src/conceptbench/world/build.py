@@ -419,9 +419,9 @@ def dino_views(rng: np.random.Generator, n: int, vae) -> tuple[np.ndarray, np.nd
 
 def build_dino(root: Path, out: Path, sizes: Sizes, seed: int):
     """Two views of one object agree, clean or as the autoencoder draws them: DINO-I compares generated
-    images (the decoder's) with clean reference photographs. Trained on clean views alone, the DINO placed the
-    cat toy's reconstructions nearly as far from its photographs (0.20 mean cosine, against 0.85 for other
-    photographs of it) as other toys (0.06)."""
+    images (the decoder's) with clean reference photographs. Trained on clean views alone, the DINO put the
+    cat toy's reconstructions at 0.20 mean cosine to its photographs: nearer other toys (0.06) than other
+    photographs of it (0.85)."""
     from diffusers import AutoencoderKL
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
@@ -530,8 +530,8 @@ STAGES = {"vae": build_vae, "clip": build_clip, "sd": build_sd, "dino": build_di
           "oracle": build_oracle}
 NEEDS = {"sd": ("vae", "clip"), "aesthetic": ("clip",), "oracle": ("vae",), "dino": ("vae",)}
 # Two workers of one thread each, the VAE on one and the rest but the U-Net on the other (the DINO and the
-# oracle, which read the VAE's reconstructions, last, waiting for it), while this process builds the U-Net as soon as the
-# VAE and CLIP are there: on one thread while the oracle's worker still runs, on every core after (CoreShare).
+# oracle, which read the VAE's reconstructions, last, waiting for it), while this process builds the U-Net as
+# soon as the VAE and CLIP are there: on one thread while a worker still runs, on every core after (CoreShare).
 # Run as a third stage of the first worker, the U-Net had one thread, and the other core idled through all
 # but 27 s of its 42 min.
 WORKERS = (("vae",), ("clip", "aesthetic", "dino", "oracle"))
