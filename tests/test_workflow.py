@@ -373,7 +373,8 @@ def test_the_learning_test_fails_when_training_is_a_no_op(tmp_path):
     """DreamBooth with a learning rate too small to change one weight (the schema refuses 0): no delta's
     interval lies above zero. The untrained variant does not draw what the base draws: its prompts carry
     the identifier ("sks dog in a bucket"), the base's the class phrase ("a dog in a bucket"), and the
-    identifier alone moves the images (DINO-I -0.13 [-0.26, -0.01], 2026-12-04), never toward the subject."""
+    identifier alone moves the images (DINO-I -0.13 [-0.26, -0.01], 2026-12-04; the oracle finds the subject in
+    none of them)."""
     cfg = copy.deepcopy(TINY)
     cfg["experiments"] = {"dreambooth": cfg["experiments"]["dreambooth"]}
     exp = cfg["experiments"]["dreambooth"]
