@@ -65,6 +65,7 @@ def test_an_impostor_wears_a_subjects_colours_on_another_shape_and_is_labelled_n
         assert t.cls != spec["cls"] and (t.mark, t.marking) == (spec["mark"], spec["marking"])
         assert orc.labels(s)["subject"] == orc.HEADS["subject"].index("none")
         assert orc.labels(s)["shape"] == orc.HEADS["shape"].index(t.cls)
+        assert s.accessory not in sc.WORN or t.cls in sc.WEARERS  # as in the base world
 
 
 def test_analytic_oracle_says_so_when_there_is_no_object():

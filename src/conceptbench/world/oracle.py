@@ -128,8 +128,8 @@ def impostor_scene(rng: np.random.Generator) -> sc.Scene:
     t = s.things[0]
     t.cls = str(rng.choice([c for c in sc.CLASSES if c != spec["cls"]]))
     t.colour, t.mark, t.marking = spec["body"], spec["mark"], spec["marking"]
-    if t.cls not in ("dog", "toy") and s.accessory in ("sunglasses", "bandana"):
-        s.accessory = None  # as in the base world: only the animals and toys wear things
+    if not sc.can_wear(t.cls, s.accessory):
+        s.accessory = None  # as in the base world
     return s
 
 

@@ -164,7 +164,12 @@ def sample_scene(
             return s
 
 
-WORN = ("sunglasses", "bandana")  # the accessories only dogs and toys are drawn with
+WORN = ("sunglasses", "bandana")  # the accessories only the WEARERS are drawn with
+WEARERS = ("dog", "toy")
+
+
+def can_wear(cls: str, accessory: str | None) -> bool:
+    return accessory not in WORN or cls in WEARERS
 
 
 def _draw(rng, subject, style, pair_p, accessory_p, omit_p) -> Scene:
@@ -183,8 +188,8 @@ def _draw(rng, subject, style, pair_p, accessory_p, omit_p) -> Scene:
         thing = Thing(str(rng.choice(CLASSES)), str(rng.choice(list(COLOURS))), radius=_radius(rng))
     _place(rng, thing, (int(rng.integers(3)), int(rng.integers(3))))
     accessory = str(rng.choice(list(ACCESSORIES))) if rng.random() < accessory_p else None
-    if accessory in WORN and thing.cls not in ("dog", "toy"):
-        accessory = None  # only the animals and toys wear things
+    if not can_wear(thing.cls, accessory):
+        accessory = None
     return Scene([thing], background, style, accessory, say)
 
 
