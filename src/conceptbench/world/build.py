@@ -510,8 +510,7 @@ def build_oracle(root: Path, out: Path, sizes: Sizes, seed: int):
                   for _ in range(sizes.oracle_batch)]
         x = wd.to_tensor(wd.images(scenes))
         if step % 2:
-            with torch.no_grad():
-                x = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            x = wd.decoded(vae, x)
         out_ = net(x)
         return sum(torch.nn.functional.cross_entropy(out_[h], torch.tensor([orc.labels(s)[h] for s in scenes]))
                    for h in orc.HEADS)

@@ -36,14 +36,18 @@ def to_tensor(imgs: np.ndarray):
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def reconstruct(vae, imgs: np.ndarray) -> np.ndarray:
-    """The autoencoder's rendering of uint8 images (N x H x W x 3): encoded to the latent mean, decoded.
+def decoded(vae, x):
+    """The autoencoder's rendering of float NCHW images in [-1, 1]: encoded to the latent mean, decoded.
     Every generated image is one of the decoder's, so what reads a generated image must read these."""
     import torch
 
     with torch.no_grad():
-        y = vae.decode(vae.encode(to_tensor(imgs)).latent_dist.mean).sample.clamp(-1, 1)
-    return ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+
+
+def reconstruct(vae, imgs: np.ndarray) -> np.ndarray:
+    """`decoded` for uint8 images (N x H x W x 3), back to uint8."""
+    return ((decoded(vae, to_tensor(imgs)) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def base_scenes(rng: np.random.Generator, n: int, **kw) -> list[sc.Scene]:
