@@ -253,6 +253,20 @@ def test_changing_sampling_reruns_no_training(tiny_run, tmp_path):
     assert "train" not in counts and counts["sample"] == n and counts["evaluate"] == n
 
 
+def test_another_first_evaluation_seed_redraws_the_samples_of_the_same_training(tiny_run, tmp_path):
+    """evaluation.first_seed set to the top-level seed changes nothing (it is the default); set to another,
+    every variant and baseline is sampled and scored again, and nothing is trained."""
+    work, _ = tiny_run
+    cfg = copy.deepcopy(TINY)
+    cfg["evaluation"]["first_seed"] = TINY["seed"]
+    proc = snakemake(work, "-n", "--configfile", str(write_config(tmp_path / "same.yaml", cfg)))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    cfg["evaluation"]["first_seed"] = TINY["seed"] + 100
+    counts = job_counts(snakemake(work, "-n", "--configfile", str(write_config(tmp_path / "other.yaml", cfg))).stdout)
+    n = sum(len(v) for v in TINY_VARIANTS.values()) + sum(len(b) for b in TINY_BASELINES.values())
+    assert "train" not in counts and counts["sample"] == n and counts["evaluate"] == n, counts
+
+
 def test_a_changed_shipped_world_model_reruns_what_used_it(tiny_run):
     """A rebuilt or pulled oracle (`make world`, a pull): its install and every evaluation it scores run
     again, and no training or sampling."""

@@ -222,9 +222,10 @@ def variant_spec(wildcards):
 
 def sampling_params(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
+    first = config["evaluation"]["first_seed"]
     return {
         "prompts": cb.sample_prompts(exp),
-        "seeds": [config["seed"] + k for k in range(config["evaluation"]["seeds"])],
+        "seeds": [(config["seed"] if first is None else first) + k for k in range(config["evaluation"]["seeds"])],
         "batch_size": config["evaluation"]["batch_size"],
         "latency_repeats": config["evaluation"]["latency_repeats"],
         "resolution": exp["resolution"],
