@@ -3,8 +3,9 @@
 Every variant and baseline of an experiment is sampled with the same (prompt, seed) pairs, so a
 variant's change over the untrained base is measured pair by pair: delta = mean over the pairs both
 scored (non-degenerate in both) of variant − base, with a 95 % percentile bootstrap interval that
-resamples pairs (the paired bootstrap). An interval above zero says the method moved that metric up
-on these prompts and seeds, more than the seed-to-seed spread explains.
+resamples pairs (the paired bootstrap). An interval above zero says this training run moved that
+metric up on these prompts and seeds, more than the spread over the samples explains; the spread over
+training runs at other seeds is replicates.py's.
 
 Metrics are discovered, not listed: every numeric column of a metrics CSV (metrics/evaluate.py) that
 is not a sample key is one. Rows of the main prompt set give the metric its own name; rows of another
