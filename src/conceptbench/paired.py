@@ -102,11 +102,17 @@ def summarize(scores: dict[str, pd.Series], names: list[str], seed: int = 0) -> 
     return row
 
 
+def differences(values: pd.Series, reference: pd.Series) -> np.ndarray:
+    """values − reference on each (prompt, seed) pair both have."""
+    both = pd.concat([values.rename("v"), reference.rename("r")], axis=1, join="inner").dropna()
+    return (both["v"] - both["r"]).to_numpy()
+
+
 def paired_delta(values: pd.Series, reference: pd.Series, seed: int = 0) -> tuple[float, float, float, int]:
     """(mean of values − reference over the pairs both have, 95 % lo, 95 % hi, number of pairs)."""
-    both = pd.concat([values.rename("v"), reference.rename("r")], axis=1, join="inner").dropna()
-    mean, lo, hi = mean_with_interval((both["v"] - both["r"]).to_numpy(), seed)
-    return mean, lo, hi, len(both)
+    diff = differences(values, reference)
+    mean, lo, hi = mean_with_interval(diff, seed)
+    return mean, lo, hi, len(diff)
 
 
 def paired_deltas(scores: dict[str, pd.Series], reference: dict[str, pd.Series], names: list[str],

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .paired import N_BOOT, STUDY_METRICS, variant_scores
+from .paired import N_BOOT, STUDY_METRICS, differences, variant_scores
 
 KEY = ["experiment", "variant", "reference", "metric"]
 COLUMNS = KEY + ["role", "runs", "n_pairs", "delta", "delta_lo", "delta_hi", "run_delta_min", "run_delta_max",
@@ -66,10 +66,7 @@ def _differences(folder: Path, experiment: str, variant: str, reference: str, me
         return cache[experiment, v]
 
     a, b = scores(variant).get(metric), scores(reference).get(metric)
-    if a is None or b is None:
-        return np.array([])
-    both = pd.concat([a.rename("v"), b.rename("r")], axis=1, join="inner").dropna()
-    return (both["v"] - both["r"]).to_numpy()
+    return np.array([]) if a is None or b is None else differences(a, b)
 
 
 def read_deltas(folder: Path) -> pd.DataFrame:
