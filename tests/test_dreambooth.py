@@ -178,3 +178,21 @@ def test_class_rows_are_the_class_folder_under_the_class_prompt(tiny_pipeline_di
     with torch.no_grad():
         expected = encode_prompts(method.tokenizer, method.text_encoder, ["a photo of sks cat", "a photo of a cat"])
     torch.testing.assert_close(method.prompt_embeds, expected)
+
+
+def test_the_prior_weight_scales_only_the_class_half_of_a_batch(tiny_pipeline_dir, instance_dir, class_dir,
+                                                                 dreambooth_spec):
+    """With batch_size 2 a batch is 2 instance rows, then 2 class rows, and its loss is the instance rows'
+    MSE plus λ times the class rows' MSE. Counting the class rows as instance rows would train them at
+    full weight whatever λ says, flattening the prior_loss_weight sweep."""
+    dreambooth_spec["train"]["batch_size"] = 2
+    method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    batch = method.batch(0, g)
+    assert batch["prompt_index"].tolist() == [0, 0, 1, 1]
+    with torch.no_grad():
+        loss = method.loss(batch, g)
+        cond = method.prompt_embeds[[0, 0, 1, 1]]
+        err = (method.unet(batch["noisy"], batch["timesteps"], cond).sample - batch["target"]) ** 2
+    torch.testing.assert_close(loss, err[:2].mean() + 0.25 * err[2:].mean())
