@@ -116,3 +116,18 @@ def test_the_studys_textual_inversion_scales_its_rate_and_clips_nothing(tiny_pip
     train(method, ctx, train_config(spec), tmp_path / "work")
     assert read_jsonl(tmp_path / "work" / "loss_log.jsonl")[0]["lr"] == pytest.approx(2e-3)
     assert clipped == [] and len(batches) == 4
+
+
+def test_the_vectors_start_at_the_initializer_words_embedding(tiny_pipeline_dir, instance_dir):
+    """Every vector starts at the initializer's embedding, the mean of its tokens' rows when it splits into
+    several ("a photo"), not at the random rows the resized matrix gets: base_prompt's untrained baseline
+    and the method's starting point both rest on it."""
+    for word, pieces in (("cat", 1), ("a photo", 2)):
+        method, ctx, _ = make(tiny_pipeline_dir, instance_dir, initializer_token=word, num_vectors=3)
+        method.setup(ctx)
+        ids = method.tokenizer.encode(word, add_special_tokens=False)
+        rows = method.text_encoder.get_input_embeddings().weight.detach()
+        assert len(ids) == pieces
+        expected = rows[ids].mean(0).expand(3, -1)
+        torch.testing.assert_close(method.tokens.vectors.detach(), expected)
+        torch.testing.assert_close(rows[method.tokens.ids], expected)  # the matrix holds them too
