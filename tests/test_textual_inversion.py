@@ -131,3 +131,16 @@ def test_the_vectors_start_at_the_initializer_words_embedding(tiny_pipeline_dir,
         expected = rows[ids].mean(0).expand(3, -1)
         torch.testing.assert_close(method.tokens.vectors.detach(), expected)
         torch.testing.assert_close(rows[method.tokens.ids], expected)  # the matrix holds them too
+
+
+@pytest.mark.parametrize("num_vectors", [1, 4])
+def test_every_vector_of_the_placeholder_gets_a_gradient(tiny_pipeline_dir, instance_dir, num_vectors):
+    """The loss reaches each of the N vectors. A prompt that spells the placeholder as one token, or a
+    lookup that leaves one of its tokens to the frozen matrix row, trains fewer vectors than the variant
+    claims (vectors-1 would train nothing; weight decay alone still moves it)."""
+    method, ctx, _ = make(tiny_pipeline_dir, instance_dir, num_vectors=num_vectors)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    method.loss(method.batch(0, g), g).backward()
+    grad = method.tokens.vectors.grad
+    assert grad is not None and (grad.abs().sum(1) > 0).all(), grad
