@@ -144,3 +144,22 @@ def test_every_vector_of_the_placeholder_gets_a_gradient(tiny_pipeline_dir, inst
     method.loss(method.batch(0, g), g).backward()
     grad = method.tokens.vectors.grad
     assert grad is not None and (grad.abs().sum(1) > 0).all(), grad
+
+
+def test_loss_is_the_noise_prediction_error_under_the_expanded_prompt(tiny_pipeline_dir, instance_dir):
+    """The loss is the U-Net's error at predicting the drawn noise (an epsilon model) given the training
+    prompt with the placeholder spelled as its N tokens, as the loaded pipeline spells it when sampling."""
+    import torch.nn.functional as F
+
+    method, ctx, _ = make(tiny_pipeline_dir, instance_dir)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    batch = method.batch(0, g)
+    h = torch.Generator().manual_seed(0)  # replay the draws: the latents, then the noise
+    noise = torch.randn(method.instance.draw(1, h).shape, generator=h)
+    ids = method.tokenizer(["a photo of <sks-cat> <sks-cat>_1"], padding="max_length", max_length=77,
+                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = method.loss(batch, g)
+        pred = method.unet(batch["noisy"], batch["timesteps"], method.text_encoder(ids)[0]).sample
+    torch.testing.assert_close(loss, F.mse_loss(pred, noise))
