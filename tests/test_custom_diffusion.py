@@ -222,3 +222,24 @@ def test_scale_lr_counts_the_class_half(tiny_pipeline_dir, instance_dir, class_d
 
     assert read_jsonl(tmp_path / "work" / "loss_log.jsonl")[0]["lr"] == pytest.approx(1e-5 * 2 * 2)
     assert method.scaled_batch(2) == 4
+
+
+@pytest.mark.parametrize("variant", ["crossattn_kv", "crossattn"])
+def test_the_processors_start_as_the_layers_own_projections(tiny_pipeline_dir, instance_dir, class_dir, variant):
+    """Before the first step the U-Net with its Custom Diffusion processors computes what the base U-Net
+    does: each trained projection starts from its own layer's weights (to_k from to_k, to_v from to_v, ...),
+    so training fine-tunes the base model, not a perturbed one."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    from conceptbench.train.method import load_base_pipeline
+
+    method, ctx, _ = make(tiny_pipeline_dir, instance_dir, class_dir, train_params=variant)
+    method.setup(ctx)
+    installed = method.unet.attn_processors
+    assert method.processors and all(installed[k] is p for k, p in method.processors.items())
+    assert all(isinstance(p, CustomDiffusionAttnProcessor2_0) for p in method.processors.values())
+    base = load_base_pipeline(tiny_pipeline_dir).unet
+    g = torch.Generator().manual_seed(0)
+    x, t, cond = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(method.unet(x, t, cond).sample, base(x, t, cond).sample, atol=1e-5, rtol=1e-4)
