@@ -243,3 +243,19 @@ def test_the_processors_start_as_the_layers_own_projections(tiny_pipeline_dir, i
     x, t, cond = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(method.unet(x, t, cond).sample, base(x, t, cond).sample, atol=1e-5, rtol=1e-4)
+
+
+def test_each_modifier_token_starts_at_its_own_initializer(tiny_pipeline_dir, instance_dir, class_dir):
+    """Each concept's modifier row starts at its own initializer's embedding, the mean of its tokens' rows
+    when it splits into several (the study's "ktn" is two CLIP tokens), not the first concept's word."""
+    extra = [{"modifier_token": "<new2>", "initializer_token": "sofa", "instance_prompt": "photo of a <new2> sofa",
+              "class_prompt": "sofa"}]
+    inputs = {"data_1": class_dir, "class_images_1": instance_dir}
+    method, ctx, _ = make(tiny_pipeline_dir, instance_dir, class_dir, inputs=inputs, extra_concepts=extra,
+                          initializer_token="ktn")
+    method.setup(ctx)
+    rows = method.text_encoder.get_input_embeddings().weight.detach()
+    ids = {w: method.tokenizer.encode(w, add_special_tokens=False) for w in ("ktn", "sofa")}
+    assert len(ids["ktn"]) == 2
+    expected = torch.stack([rows[ids["ktn"]].mean(0), rows[ids["sofa"]].mean(0)])
+    torch.testing.assert_close(method.tokens.vectors.detach(), expected)
