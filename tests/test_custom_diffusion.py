@@ -259,3 +259,45 @@ def test_each_modifier_token_starts_at_its_own_initializer(tiny_pipeline_dir, in
     assert len(ids["ktn"]) == 2
     expected = torch.stack([rows[ids["ktn"]].mean(0), rows[ids["sofa"]].mean(0)])
     torch.testing.assert_close(method.tokens.vectors.detach(), expected)
+
+
+def test_random_flip_mirrors_about_half_of_the_rescaled_instance_images(tiny_pipeline_dir, instance_dir, class_dir,
+                                                                       monkeypatch):
+    """train.random_flip (the study's --hflip) mirrors the instance images drawn, before their rescale, about
+    one in two; without it none is mirrored."""
+    from conceptbench.methods import custom_diffusion
+
+    seen = []
+    real = custom_diffusion.rescale
+    monkeypatch.setattr(custom_diffusion, "rescale", lambda image, *a: seen.append(image) or real(image, *a))
+    for flip in (True, False):
+        method, ctx, spec = make(tiny_pipeline_dir, instance_dir, class_dir)
+        spec["train"].update(batch_size=2, random_flip=flip)
+        method.setup(ctx)
+        images = method.instance[0]
+        seen.clear()
+        for step in range(10):
+            method.batch(step, torch.Generator().manual_seed(step))
+        plain = [any(torch.equal(s, im) for im in images) for s in seen]
+        mirrored = [any(torch.equal(s, im.flip(-1)) for im in images) for s in seen]
+        assert len(seen) == 20 and all(p != m for p, m in zip(plain, mirrored))
+        assert (5 <= sum(mirrored) <= 15) if flip else sum(mirrored) == 0, sum(mirrored)
+
+
+def test_mirrored_class_images_keep_their_own_captions(tiny_pipeline_dir, instance_dir):
+    """With train.random_flip the class latents are drawn from the images and their mirrors (rows N..2N-1),
+    and a mirrored row is trained under its image's caption."""
+    # instance_dir stands in for retrieved images: its metadata.jsonl gives "a cat, crop i" for image i
+    method, ctx, spec = make(tiny_pipeline_dir, instance_dir, instance_dir, augment=False)
+    spec["train"].update(batch_size=2, random_flip=True)
+    method.setup(ctx)
+    assert method.klass[0].flip
+    drawn = []
+    for step in range(6):
+        batch = method.batch(step, torch.Generator().manual_seed(step))
+        g = torch.Generator().manual_seed(step)  # replay the draws: instance rows and their latents, then class rows
+        method.instance[0].draw(2, g)
+        rows = method.klass[0].indices(2, g).tolist()
+        drawn += rows
+        assert [method.prompts[i] for i in batch["prompt_index"][2:].tolist()] == [f"a cat, crop {r % 3}" for r in rows]
+    assert any(r >= 3 for r in drawn) and any(r < 3 for r in drawn), drawn
