@@ -222,3 +222,82 @@ def test_scale_lr_counts_the_class_half(tiny_pipeline_dir, instance_dir, class_d
 
     assert read_jsonl(tmp_path / "work" / "loss_log.jsonl")[0]["lr"] == pytest.approx(1e-5 * 2 * 2)
     assert method.scaled_batch(2) == 4
+
+
+@pytest.mark.parametrize("variant", ["crossattn_kv", "crossattn"])
+def test_the_processors_start_as_the_layers_own_projections(tiny_pipeline_dir, instance_dir, class_dir, variant):
+    """Before the first step the U-Net with its Custom Diffusion processors computes what the base U-Net
+    does: each trained projection starts from its own layer's weights (to_k from to_k, to_v from to_v, ...),
+    so training fine-tunes the base model, not a perturbed one."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    from conceptbench.train.method import load_base_pipeline
+
+    method, ctx, _ = make(tiny_pipeline_dir, instance_dir, class_dir, train_params=variant)
+    method.setup(ctx)
+    installed = method.unet.attn_processors
+    assert method.processors and all(installed[k] is p for k, p in method.processors.items())
+    assert all(isinstance(p, CustomDiffusionAttnProcessor2_0) for p in method.processors.values())
+    base = load_base_pipeline(tiny_pipeline_dir).unet
+    g = torch.Generator().manual_seed(0)
+    x, t, cond = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(method.unet(x, t, cond).sample, base(x, t, cond).sample, atol=1e-5, rtol=1e-4)
+
+
+def test_each_modifier_token_starts_at_its_own_initializer(tiny_pipeline_dir, instance_dir, class_dir):
+    """Each concept's modifier row starts at its own initializer's embedding, the mean of its tokens' rows
+    when it splits into several (the study's "ktn" is two CLIP tokens), not the first concept's word."""
+    extra = [{"modifier_token": "<new2>", "initializer_token": "sofa", "instance_prompt": "photo of a <new2> sofa",
+              "class_prompt": "sofa"}]
+    inputs = {"data_1": class_dir, "class_images_1": instance_dir}
+    method, ctx, _ = make(tiny_pipeline_dir, instance_dir, class_dir, inputs=inputs, extra_concepts=extra,
+                          initializer_token="ktn")
+    method.setup(ctx)
+    rows = method.text_encoder.get_input_embeddings().weight.detach()
+    ids = {w: method.tokenizer.encode(w, add_special_tokens=False) for w in ("ktn", "sofa")}
+    assert len(ids["ktn"]) == 2
+    expected = torch.stack([rows[ids["ktn"]].mean(0), rows[ids["sofa"]].mean(0)])
+    torch.testing.assert_close(method.tokens.vectors.detach(), expected)
+
+
+def test_random_flip_mirrors_about_half_of_the_rescaled_instance_images(tiny_pipeline_dir, instance_dir, class_dir,
+                                                                       monkeypatch):
+    """train.random_flip (the study's --hflip) mirrors the instance images drawn, before their rescale, about
+    one in two; without it none is mirrored."""
+    from conceptbench.methods import custom_diffusion
+
+    seen = []
+    real = custom_diffusion.rescale
+    monkeypatch.setattr(custom_diffusion, "rescale", lambda image, *a: seen.append(image) or real(image, *a))
+    for flip in (True, False):
+        method, ctx, spec = make(tiny_pipeline_dir, instance_dir, class_dir)
+        spec["train"].update(batch_size=2, random_flip=flip)
+        method.setup(ctx)
+        images = method.instance[0]
+        seen.clear()
+        for step in range(10):
+            method.batch(step, torch.Generator().manual_seed(step))
+        plain = [any(torch.equal(s, im) for im in images) for s in seen]
+        mirrored = [any(torch.equal(s, im.flip(-1)) for im in images) for s in seen]
+        assert len(seen) == 20 and all(p != m for p, m in zip(plain, mirrored))
+        assert (5 <= sum(mirrored) <= 15) if flip else sum(mirrored) == 0, sum(mirrored)
+
+
+def test_mirrored_class_images_keep_their_own_captions(tiny_pipeline_dir, instance_dir):
+    """With train.random_flip the class latents are drawn from the images and their mirrors (rows N..2N-1),
+    and a mirrored row is trained under its image's caption."""
+    # instance_dir stands in for retrieved images: its metadata.jsonl gives "a cat, crop i" for image i
+    method, ctx, spec = make(tiny_pipeline_dir, instance_dir, instance_dir, augment=False)
+    spec["train"].update(batch_size=2, random_flip=True)
+    method.setup(ctx)
+    assert method.klass[0].flip
+    drawn = []
+    for step in range(6):
+        batch = method.batch(step, torch.Generator().manual_seed(step))
+        g = torch.Generator().manual_seed(step)  # replay the draws: instance rows and their latents, then class rows
+        method.instance[0].draw(2, g)
+        rows = method.klass[0].indices(2, g).tolist()
+        drawn += rows
+        assert [method.prompts[i] for i in batch["prompt_index"][2:].tolist()] == [f"a cat, crop {r % 3}" for r in rows]
+    assert any(r >= 3 for r in drawn) and any(r < 3 for r in drawn), drawn

@@ -160,3 +160,39 @@ def test_saved_pipeline_reloads_to_same_images(tiny_pipeline_dir, instance_dir, 
     base = DreamBooth.load_pipeline(tiny_pipeline_dir, tiny_pipeline_dir, dreambooth_spec, torch.device("cpu"))
     assert (images(reloaded) == trained).all()
     assert not (images(base) == trained).all()  # training changed what the pipeline draws
+
+
+def test_class_rows_are_the_class_folder_under_the_class_prompt(tiny_pipeline_dir, instance_dir, class_dir,
+                                                                 dreambooth_spec):
+    """Prior preservation regularises with the class images under the class prompt: neither the instance
+    images nor the instance prompt may stand in for them, which would train the subject twice and
+    preserve nothing of the class."""
+    from conceptbench.train.method import encode_latent_distribution, encode_prompts, load_image_folder
+
+    method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir)
+    method.setup(ctx)
+    for part, folder in ((method.instance, instance_dir), (method.klass, class_dir)):
+        mean, std = encode_latent_distribution(method.vae, load_image_folder(folder, 64), torch.device("cpu"))
+        torch.testing.assert_close(part.mean, mean)
+        torch.testing.assert_close(part.std, std)
+    with torch.no_grad():
+        expected = encode_prompts(method.tokenizer, method.text_encoder, ["a photo of sks cat", "a photo of a cat"])
+    torch.testing.assert_close(method.prompt_embeds, expected)
+
+
+def test_the_prior_weight_scales_only_the_class_half_of_a_batch(tiny_pipeline_dir, instance_dir, class_dir,
+                                                                 dreambooth_spec):
+    """With batch_size 2 a batch is 2 instance rows, then 2 class rows, and its loss is the instance rows'
+    MSE plus λ times the class rows' MSE. Counting the class rows as instance rows would train them at
+    full weight whatever λ says, flattening the prior_loss_weight sweep."""
+    dreambooth_spec["train"]["batch_size"] = 2
+    method, ctx = make(dreambooth_spec, tiny_pipeline_dir, instance_dir, class_dir)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    batch = method.batch(0, g)
+    assert batch["prompt_index"].tolist() == [0, 0, 1, 1]
+    with torch.no_grad():
+        loss = method.loss(batch, g)
+        cond = method.prompt_embeds[[0, 0, 1, 1]]
+        err = (method.unet(batch["noisy"], batch["timesteps"], cond).sample - batch["target"]) ** 2
+    torch.testing.assert_close(loss, err[:2].mean() + 0.25 * err[2:].mean())

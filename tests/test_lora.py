@@ -184,3 +184,15 @@ def test_a_rank_larger_than_the_layer_is_refused_by_name(tiny_pipeline_dir):
     unet = load_base_pipeline(tiny_pipeline_dir).unet
     with pytest.raises(MethodError, match=rf"lora: rank {smallest + 1} is larger than layer \S+to_\w+"):
         add_lora(unet, smallest + 1)
+
+
+def test_a_drawn_image_comes_with_its_own_caption(caption_dir):
+    """Images read when drawn (LCM's default; LoRA without cache_latents) come with their own captions, in
+    the order drawn: a batch whose captions are reordered trains each image under another one's text."""
+    from conceptbench.methods._captioned import CaptionedImages
+
+    data = CaptionedImages(caption_dir, 64)
+    pixels, captions = data.draw(32, torch.Generator().manual_seed(0))
+    assert len(set(captions)) == 4
+    for image, caption in zip(pixels, captions):
+        assert torch.equal(image, data.load(int(caption.rsplit(" ", 1)[1]))), caption  # "a drawing number i"

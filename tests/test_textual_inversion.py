@@ -116,3 +116,50 @@ def test_the_studys_textual_inversion_scales_its_rate_and_clips_nothing(tiny_pip
     train(method, ctx, train_config(spec), tmp_path / "work")
     assert read_jsonl(tmp_path / "work" / "loss_log.jsonl")[0]["lr"] == pytest.approx(2e-3)
     assert clipped == [] and len(batches) == 4
+
+
+def test_the_vectors_start_at_the_initializer_words_embedding(tiny_pipeline_dir, instance_dir):
+    """Every vector starts at the initializer's embedding, the mean of its tokens' rows when it splits into
+    several ("a photo"), not at the random rows the resized matrix gets: base_prompt's untrained baseline
+    and the method's starting point both rest on it."""
+    for word, pieces in (("cat", 1), ("a photo", 2)):
+        method, ctx, _ = make(tiny_pipeline_dir, instance_dir, initializer_token=word, num_vectors=3)
+        method.setup(ctx)
+        ids = method.tokenizer.encode(word, add_special_tokens=False)
+        rows = method.text_encoder.get_input_embeddings().weight.detach()
+        assert len(ids) == pieces
+        expected = rows[ids].mean(0).expand(3, -1)
+        torch.testing.assert_close(method.tokens.vectors.detach(), expected)
+        torch.testing.assert_close(rows[method.tokens.ids], expected)  # the matrix holds them too
+
+
+@pytest.mark.parametrize("num_vectors", [1, 4])
+def test_every_vector_of_the_placeholder_gets_a_gradient(tiny_pipeline_dir, instance_dir, num_vectors):
+    """The loss reaches each of the N vectors. A prompt that spells the placeholder as one token, or a
+    lookup that leaves one of its tokens to the frozen matrix row, trains fewer vectors than the variant
+    claims (vectors-1 would train nothing; weight decay alone still moves it)."""
+    method, ctx, _ = make(tiny_pipeline_dir, instance_dir, num_vectors=num_vectors)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    method.loss(method.batch(0, g), g).backward()
+    grad = method.tokens.vectors.grad
+    assert grad is not None and (grad.abs().sum(1) > 0).all(), grad
+
+
+def test_loss_is_the_noise_prediction_error_under_the_expanded_prompt(tiny_pipeline_dir, instance_dir):
+    """The loss is the U-Net's error at predicting the drawn noise (an epsilon model) given the training
+    prompt with the placeholder spelled as its N tokens, as the loaded pipeline spells it when sampling."""
+    import torch.nn.functional as F
+
+    method, ctx, _ = make(tiny_pipeline_dir, instance_dir)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(0)
+    batch = method.batch(0, g)
+    h = torch.Generator().manual_seed(0)  # replay the draws: the latents, then the noise
+    noise = torch.randn(method.instance.draw(1, h).shape, generator=h)
+    ids = method.tokenizer(["a photo of <sks-cat> <sks-cat>_1"], padding="max_length", max_length=77,
+                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = method.loss(batch, g)
+        pred = method.unet(batch["noisy"], batch["timesteps"], method.text_encoder(ids)[0]).sample
+    torch.testing.assert_close(loss, F.mse_loss(pred, noise))

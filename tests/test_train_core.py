@@ -212,3 +212,21 @@ def test_config_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if the 8bit extra were not installed
     with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install 'conceptbench\[8bit\]'"):
         toy_run(tmp_path, optimizer="adamw8bit")
+
+
+def test_a_latent_draw_is_the_vaes_posterior_sample_scaled_for_the_unet(tiny_pipeline_dir, instance_dir):
+    """A drawn latent is what diffusers' training scripts feed the U-Net, latent_dist.sample() times
+    vae.config.scaling_factor, with the same noise: neither the posterior's mean alone nor a mean or
+    spread left unscaled, each of which trains on latents the sampler never decodes."""
+    from conceptbench.train.method import ImageLatents, load_base_pipeline, load_image_folder
+
+    vae = load_base_pipeline(tiny_pipeline_dir).vae
+    images = load_image_folder(instance_dir, 64)
+    with torch.no_grad():
+        dist = vae.encode(images).latent_dist
+    scale = vae.config.scaling_factor
+    assert scale == pytest.approx(0.18215) and dist.std.mean() > 0.1  # SD's factor; a posterior with spread
+    latents = ImageLatents(vae, images, torch.device("cpu"))
+    drawn = latents.draw_rows(torch.arange(3), torch.Generator().manual_seed(5))
+    expected = dist.sample(generator=torch.Generator().manual_seed(5)) * scale
+    torch.testing.assert_close(drawn, expected, atol=1e-5, rtol=1e-4)
