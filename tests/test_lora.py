@@ -1,4 +1,5 @@
-"""LoRA: zero-init adapters change nothing, fused equals unfused, save/load round trip, composition, Min-SNR."""
+"""LoRA: zero-init adapters change nothing, fused equals unfused, save/load round trip, composition, the α/r
+scale and lora_scale, Min-SNR."""
 
 from __future__ import annotations
 
@@ -184,3 +185,54 @@ def test_a_rank_larger_than_the_layer_is_refused_by_name(tiny_pipeline_dir):
     unet = load_base_pipeline(tiny_pipeline_dir).unet
     with pytest.raises(MethodError, match=rf"lora: rank {smallest + 1} is larger than layer \S+to_\w+"):
         add_lora(unet, smallest + 1)
+
+
+def lora_layer(unet):
+    """The first adapted to_q of `unet`: (its name, its peft LoRA module)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    return next((n, m) for n, m in unet.named_modules() if isinstance(m, LoraLinear) and n.endswith(".to_q"))
+
+
+@pytest.mark.parametrize("alpha, scale", [(None, 1.0), (2.0, 0.5), (16.0, 4.0)])
+def test_the_adapter_update_is_b_times_a_scaled_by_alpha_over_rank(tiny_pipeline_dir, alpha, scale):
+    """lora_alpha null means α = r (scale 1), whatever the rank: with α fixed instead, the study's ranks 4, 8
+    and 16 would train updates of different scales and the rank sweep would measure the learning rate."""
+    unet = load_base_pipeline(tiny_pipeline_dir).unet
+    add_lora(unet, rank=4, alpha=alpha)
+    _, layer = lora_layer(unet)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+        x = torch.randn(3, layer.base_layer.in_features, generator=g)
+        update = layer(x) - layer.base_layer(x)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(update, scale * x @ a.T @ b.T, atol=1e-5, rtol=1e-4)
+
+
+def test_a_saved_adapter_keeps_its_alpha(tiny_pipeline_dir, tmp_path):
+    """The artifact carries α: loaded back and fused, an adapter with α ≠ r gives the outputs it had in
+    training, not those of the scale r/r = 1 the loader would otherwise assume."""
+    pipe = load_base_pipeline(tiny_pipeline_dir)
+    add_lora(pipe.unet, rank=4, alpha=16.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    trained = output(pipe.unet)
+    save_lora(pipe.unet, tmp_path / "a")
+    fused = fuse_loras(load_base_pipeline(tiny_pipeline_dir), [(tmp_path / "a", 1.0)])
+    torch.testing.assert_close(output(fused.unet), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_scale_weights_the_fused_update(tiny_pipeline_dir, tmp_path):
+    """args.lora_scale is the adapter's weight at sampling: each fused projection is W + lora_scale · B A."""
+    pipe = randomised_lora(tiny_pipeline_dir)
+    name, layer = lora_layer(pipe.unet)
+    update = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+    save_lora(pipe.unet, tmp_path / "a")
+    base = load_base_pipeline(tiny_pipeline_dir).unet.get_submodule(name).weight.detach()
+    spec = {"args": {"rank": 4, "lora_scale": 0.5}}
+    fused = LoRA.load_pipeline(tmp_path / "a", tiny_pipeline_dir, spec, torch.device("cpu")).unet.get_submodule(name)
+    torch.testing.assert_close(fused.weight.detach(), base + 0.5 * update, atol=1e-6, rtol=1e-5)
