@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conceptbench.methods.lora import LoRA, min_snr_weights
+from conceptbench.methods.lora import LoRA, min_snr_weights, weighted_mse
 from conceptbench.methods._lora import add_lora, fuse_loras, save_lora
+from conceptbench.models.tiny import SD15_SCHEDULE
 from conceptbench.train import TrainContext, train, train_config
 from conceptbench.train.method import load_base_pipeline
 
@@ -236,3 +237,47 @@ def test_lora_scale_weights_the_fused_update(tiny_pipeline_dir, tmp_path):
     spec = {"args": {"rank": 4, "lora_scale": 0.5}}
     fused = LoRA.load_pipeline(tmp_path / "a", tiny_pipeline_dir, spec, torch.device("cpu")).unet.get_submodule(name)
     torch.testing.assert_close(fused.weight.detach(), base + 0.5 * update, atol=1e-6, rtol=1e-5)
+
+
+def test_snr_is_signal_over_noise_as_diffusers_computes_it():
+    """Min-SNR weights need SNR = ᾱ/(1 − ᾱ); its inverse would weight the noisiest timesteps up, not down."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from conceptbench.methods.lora import snr
+
+    hand = snr(torch.tensor([0.5, 0.8, 0.2]), torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(hand, torch.tensor([1.0, 4.0, 0.25]))
+    scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULE.items() if k != "set_alpha_to_one"})
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(snr(scheduler.alphas_cumprod, t), compute_snr(scheduler, t))
+
+
+def test_weighted_mse_weights_each_samples_mean_error():
+    """Each sample's mean squared error times its weight, then the batch mean: a weighting that is dropped
+    or applied after the mean leaves Min-SNR training plain MSE."""
+    pred, target = torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    assert weighted_mse(pred, target).item() == pytest.approx(2.5)  # errors² 1 and 4
+    assert weighted_mse(pred, target, torch.tensor([1.0, 0.25])).item() == pytest.approx(1.0)  # (1 + 1) / 2
+
+
+def test_the_lora_loss_is_min_snr_weighted_when_snr_gamma_is_set(tiny_pipeline_dir, caption_dir):
+    """args.snr_gamma weights each sample's error by min(SNR, γ)/SNR; a loss that dropped the weights would
+    train the Min-SNR variant as plain MSE."""
+    spec = {"seed": 0, "resolution": 64, "train": {"steps": 1, "learning_rate": 1e-4, "batch_size": 4},
+            "args": {"rank": 4, "snr_gamma": 1.0}}
+    method = LoRA(spec["args"])
+    method.setup(TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=caption_dir, class_dir=None,
+                              device=torch.device("cpu"), mixed_precision="no"))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        batch = method.batch(0, g)
+        batch["timesteps"] = torch.tensor([5, 100, 600, 990])  # SNR from far above γ = 1 to far below
+        pred = method.unet(batch["noisy"], batch["timesteps"], batch["cond"]).sample
+        per_sample = ((pred - batch["target"]) ** 2).mean(dim=(1, 2, 3))
+        a = method.noise_scheduler.alphas_cumprod[batch["timesteps"]]
+        weights = torch.clamp(a / (1 - a), max=1.0) / (a / (1 - a))
+        loss = method.loss(batch, g)
+    assert weights.min() < 0.01 and weights.max() == 1.0
+    torch.testing.assert_close(loss, (per_sample * weights).mean())
+    assert not torch.allclose(loss, per_sample.mean(), rtol=1e-2)
