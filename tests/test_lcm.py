@@ -1,4 +1,5 @@
-"""LCM distillation: the small pieces on hand cases and against diffusers, the student, and 4-step sampling."""
+"""LCM distillation: the small pieces on hand cases and against diffusers, the student, the distillation target,
+and 4-step sampling."""
 
 from __future__ import annotations
 
@@ -142,3 +143,63 @@ def test_cached_encodings_give_the_batches_of_encoding_each_one(tiny_pipeline_di
     for key in ("x_t", "t", "w_emb", "cond", "target"):
         torch.testing.assert_close(batches[True][key], batches[False][key], atol=1e-5, rtol=1e-4)
     assert len(set(batches[True]["cond"][:, 5].sum(-1).tolist())) > 1  # different captions in the batch
+
+
+def recovered_guidance(w_emb: torch.Tensor) -> torch.Tensor:
+    """w from its embedding: the slowest of its frequencies turns 1000·w·10⁻⁴ = w/10 radians (below π for w < 31)."""
+    half = w_emb.shape[1] // 2
+    return torch.atan2(w_emb[:, half - 1], w_emb[:, 2 * half - 1]) * 10.0
+
+
+def three_unets(spec, base, data):
+    """An LCM set up with its teacher, student and EMA target made three different networks (as after
+    training), so that a step using the wrong one shows."""
+    method, ctx = make(spec, base, data)
+    method.setup(ctx)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for unet, size in ((method.student, 0.05), (method.target, 0.1)):
+            for p in unet.parameters():
+                p.add_(size * torch.randn(p.shape, generator=g))
+    return method
+
+
+def test_the_target_is_the_ema_unet_one_guided_teacher_ddim_step_earlier(tiny_pipeline_dir, caption_dir):
+    """The distillation target: the teacher, guided at scale w + 1 (diffusers' pipelines give the student's
+    embedding guidance_scale − 1), takes one step of the 50-step DDIM grid from t_n to t_n − 20, and the
+    EMA target's consistency output there is the target. A target from the student, a teacher that is the
+    student, a step of another size, a guidance off by one or guiding x̂₀ and ε̂ differently all bias what
+    the few-step model learns while the loss still falls."""
+    from diffusers import DDIMScheduler
+
+    method = three_unets(SPEC, tiny_pipeline_dir, caption_dir)
+    with torch.no_grad():
+        batch = method.batch(0, torch.Generator().manual_seed(3))
+        x_t, t, cond = batch["x_t"], batch["t"], batch["cond"]
+        w = recovered_guidance(batch["w_emb"])
+        torch.testing.assert_close(batch["w_emb"], guidance_scale_embedding(w, 16), atol=1e-2, rtol=0)
+        assert set(t.tolist()) <= set(ddim_grid(1000, 50).tolist()) and (t > 20).all(), t
+        uncond = method.uncond.expand_as(cond)
+        e_c, e_u = method.teacher(x_t, t, cond).sample, method.teacher(x_t, t, uncond).sample
+        guided = e_u + (w + 1).view(-1, 1, 1, 1) * (e_c - e_u)  # as StableDiffusionPipeline guides at w + 1
+        ddim = DDIMScheduler(**SD15_SCHEDULE)
+        ddim.set_timesteps(50)
+        x_prev = torch.cat([ddim.step(guided[i : i + 1], int(t[i]), x_t[i : i + 1], eta=0.0).prev_sample
+                            for i in range(len(t))])
+        t_prev = t - 20
+        out = method.target(x_prev, t_prev, cond, timestep_cond=batch["w_emb"]).sample
+        x0, _ = predicted_x0_eps(out, t_prev, x_prev, method.alphas_cumprod, "epsilon")
+        c_skip, c_out = boundary_scalings(t_prev)
+        expected = c_skip.view(-1, 1, 1, 1) * x_prev + c_out.view(-1, 1, 1, 1) * x0
+    torch.testing.assert_close(batch["target"], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_scales_are_drawn_across_w_min_to_w_max(tiny_pipeline_dir, caption_dir):
+    """w is uniform on [w_min, w_max] (5 to 15 in the study): the student learns the guidance range asked for."""
+    spec = {**SPEC, "train": {**SPEC["train"], "batch_size": 16}}
+    method, ctx = make(spec, tiny_pipeline_dir, caption_dir)
+    method.setup(ctx)
+    with torch.no_grad():
+        w = recovered_guidance(method.batch(0, torch.Generator().manual_seed(0))["w_emb"])
+    assert ((w >= 5.0 - 1e-3) & (w <= 15.0 + 1e-3)).all(), w
+    assert w.min() < 8.0 and w.max() > 12.0, w  # the whole range, not a corner of it
