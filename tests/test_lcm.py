@@ -1,5 +1,5 @@
 """LCM distillation: the small pieces on hand cases and against diffusers, the student, the distillation target,
-and 4-step sampling."""
+the EMA, the loss types, the artifact and 4-step sampling."""
 
 from __future__ import annotations
 
@@ -203,3 +203,48 @@ def test_guidance_scales_are_drawn_across_w_min_to_w_max(tiny_pipeline_dir, capt
         w = recovered_guidance(method.batch(0, torch.Generator().manual_seed(0))["w_emb"])
     assert ((w >= 5.0 - 1e-3) & (w <= 15.0 + 1e-3)).all(), w
     assert w.min() < 8.0 and w.max() > 12.0, w  # the whole range, not a corner of it
+
+
+def test_the_ema_target_moves_one_minus_decay_of_the_way_to_the_student(tiny_pipeline_dir, caption_dir):
+    """After each step target ← decay · target + (1 − decay) · student: a target that jumped (1 − decay is
+    0.05 in the study) nearly onto the student would make the consistency target chase the student."""
+    method = three_unets(SPEC, tiny_pipeline_dir, caption_dir)  # ema_decay 0.9
+    before = {k: v.clone() for k, v in method.target.state_dict().items()}
+    student = method.student.state_dict()
+    method.after_step(0)
+    after = method.target.state_dict()
+    for k in ("conv_in.weight", "time_embedding.cond_proj.weight"):
+        torch.testing.assert_close(after[k], 0.9 * before[k] + 0.1 * student[k])
+
+
+def test_the_artifact_is_the_ema_target_with_the_grid_and_scaling_trained_on(tiny_pipeline_dir, caption_dir, tmp_path):
+    """The saved U-Net is the EMA target, not the student, and the LCMScheduler samples with the DDIM grid
+    and the boundary scaling the model was distilled with."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    spec = {**SPEC, "args": {**SPEC["args"], "num_ddim_timesteps": 25, "timestep_scaling": 5.0}}
+    method = three_unets(spec, tiny_pipeline_dir, caption_dir)
+    method.save(tmp_path / "artifact")
+    saved = UNet2DConditionModel.from_pretrained(str(tmp_path / "artifact" / "unet")).state_dict()
+    target = method.target.state_dict()
+    assert saved.keys() == target.keys() and all(torch.equal(saved[k], target[k]) for k in saved)
+    scheduler = LCMScheduler.from_pretrained(str(tmp_path / "artifact" / "scheduler"))
+    assert (scheduler.config.original_inference_steps, scheduler.config.timestep_scaling) == (25, 5.0)
+
+
+@pytest.mark.parametrize("loss_type", ["l2", "huber"])
+def test_the_loss_is_the_one_loss_type_names(tiny_pipeline_dir, caption_dir, loss_type):
+    """The study's sweep is args.loss_type: l2 must be the mean squared error and huber the pseudo-Huber
+    loss with args.huber_c, or the two variants train the same objective (or another one)."""
+    import torch.nn.functional as F
+
+    spec = {**SPEC, "args": {**SPEC["args"], "loss_type": loss_type, "huber_c": 0.05}}
+    method = three_unets(spec, tiny_pipeline_dir, caption_dir)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        batch = method.batch(0, g)
+        pred = method._consistency(method.student, batch["x_t"], batch["t"], batch["w_emb"], batch["cond"])
+        loss = method.loss(batch, g)
+    l2, huber = F.mse_loss(pred, batch["target"]), pseudo_huber_loss(pred, batch["target"], 0.05)
+    assert not torch.allclose(l2, huber, rtol=1e-2)
+    torch.testing.assert_close(loss, l2 if loss_type == "l2" else huber)
