@@ -1,4 +1,4 @@
-"""DDPO: the DDIM log-probability, per-prompt advantages, the clipped PPO loss, and a short LoRA run."""
+"""DDPO: the DDIM log-probability, guidance, per-prompt advantages, the clipped PPO loss, and a short LoRA run."""
 
 from __future__ import annotations
 
@@ -247,3 +247,35 @@ def test_the_epoch_shape_is_checked():
         epoch_shape(24, 5, 27, "random")
     with pytest.raises(MethodError, match="prompt_draw 'each' needs args.samples_per_epoch"):
         epoch_shape(24, 3, 5, "each")
+
+
+def test_guided_noise_is_uncond_plus_scale_times_cond_minus_uncond():
+    """Classifier-free guidance as the pipelines apply it, ε_u + s·(ε_c − ε_u), for the trajectories and the
+    PPO forward alike: swapping the halves or starting from ε_c changes the guidance the policy trains under."""
+    from conceptbench.methods._policy import guided_noise
+
+    class Echo(torch.nn.Module):  # "predicts" the first value of its text condition everywhere
+        def forward(self, x, t, cond):
+            return type("Out", (), {"sample": cond[:, :1, :1, None].expand_as(x)})
+
+    x, cond, uncond = torch.zeros(2, 4, 8, 8), torch.full((2, 77, 32), 3.0), torch.full((1, 77, 32), 1.0)
+    out = guided_noise(Echo(), x, torch.tensor(500), cond, uncond, guidance_scale=5.0)
+    assert torch.equal(out, torch.full_like(x, 1.0 + 5.0 * (3.0 - 1.0)))
+
+
+def test_the_log_probability_uses_eta():
+    """DDIM's η sets the step's std (η·σ_t): the sampled step and its density follow DDIMScheduler at η = 0.5 too."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(**SD15_SCHEDULE)
+    scheduler.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    prev, log_prob = ddim_step_with_logprob(scheduler, out, 501, x, eta=0.5, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(prev, scheduler.step(out, 501, x, eta=0.5, variance_noise=noise).prev_sample,
+                               atol=1e-5, rtol=1e-5)
+    mean = scheduler.step(out, 501, x, eta=0.5, variance_noise=torch.zeros_like(x)).prev_sample
+    std = 0.5 * scheduler._get_variance(501, 251).sqrt()
+    by_hand = (-((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob, by_hand, atol=1e-4, rtol=1e-5)
