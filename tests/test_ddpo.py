@@ -1,4 +1,5 @@
-"""DDPO: the DDIM log-probability, per-prompt advantages, the clipped PPO loss, and a short LoRA run."""
+"""DDPO: the DDIM log-probability, guidance, per-prompt advantages, the clipped PPO loss, an epoch's updates, the
+reward's input, and a short LoRA run."""
 
 from __future__ import annotations
 
@@ -247,3 +248,119 @@ def test_the_epoch_shape_is_checked():
         epoch_shape(24, 5, 27, "random")
     with pytest.raises(MethodError, match="prompt_draw 'each' needs args.samples_per_epoch"):
         epoch_shape(24, 3, 5, "each")
+
+
+def test_guided_noise_is_uncond_plus_scale_times_cond_minus_uncond():
+    """Classifier-free guidance as the pipelines apply it, ε_u + s·(ε_c − ε_u), for the trajectories and the
+    PPO forward alike: swapping the halves or starting from ε_c changes the guidance the policy trains under."""
+    from conceptbench.methods._policy import guided_noise
+
+    class Echo(torch.nn.Module):  # "predicts" the first value of its text condition everywhere
+        def forward(self, x, t, cond):
+            return type("Out", (), {"sample": cond[:, :1, :1, None].expand_as(x)})
+
+    x, cond, uncond = torch.zeros(2, 4, 8, 8), torch.full((2, 77, 32), 3.0), torch.full((1, 77, 32), 1.0)
+    out = guided_noise(Echo(), x, torch.tensor(500), cond, uncond, guidance_scale=5.0)
+    assert torch.equal(out, torch.full_like(x, 1.0 + 5.0 * (3.0 - 1.0)))
+
+
+def test_the_log_probability_uses_eta():
+    """DDIM's η sets the step's std (η·σ_t): the sampled step and its density follow DDIMScheduler at η = 0.5 too."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(**SD15_SCHEDULE)
+    scheduler.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    prev, log_prob = ddim_step_with_logprob(scheduler, out, 501, x, eta=0.5, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(prev, scheduler.step(out, 501, x, eta=0.5, variance_noise=noise).prev_sample,
+                               atol=1e-5, rtol=1e-5)
+    mean = scheduler.step(out, 501, x, eta=0.5, variance_noise=torch.zeros_like(x)).prev_sample
+    std = 0.5 * scheduler._get_variance(501, 251).sqrt()
+    by_hand = (-((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob, by_hand, atol=1e-4, rtol=1e-5)
+
+
+
+def set_up(base, cls=DDPO, **args):
+    """A DDPO set up on the tiny pipeline (32², brightness reward, the full U-Net unless args say otherwise)."""
+    spec = {"seed": 0, "resolution": 32, "train": {"steps": 1, "learning_rate": 1e-3, "checkpoint_every": 0},
+            "args": {"reward": "brightness", "prompts": ["a cat", "a dog"], "samples_per_epoch": 6,
+                     "train_batch_size": 2, "sample_steps": 4, "use_lora": False, **args}}
+    method = cls(spec["args"])
+    method.setup(TrainContext(spec=spec, base_model=base, data_dir=None, class_dir=None, device=torch.device("cpu"),
+                              mixed_precision="no"))
+    return method
+
+
+def test_an_epochs_updates_take_each_trajectory_once_on_its_share_of_timesteps(tiny_pipeline_dir):
+    """samples_per_epoch / train_batch_size updates partition the epoch's trajectories, and each is trained
+    on round(timestep_fraction · sample_steps) distinct timesteps: no trajectory is trained twice or left
+    out, and timestep_fraction is the share trained on."""
+    method = set_up(tiny_pipeline_dir, timestep_fraction=0.5)
+    assert method.updates_per_step() == 3
+    with torch.no_grad():
+        pairs = [method.batch(u, torch.Generator().manual_seed(u))["pairs"] for u in range(3)]
+    rows = [sorted(set(p[:, 0].tolist())) for p in pairs]
+    assert all(len(r) == 2 for r in rows) and sorted(sum(rows, [])) == list(range(6)), rows
+    every = torch.cat(pairs)
+    for i in range(6):
+        steps = every[every[:, 0] == i, 1].tolist()
+        assert len(steps) == len(set(steps)) == 2 and all(0 <= s < 4 for s in steps), (i, steps)
+
+
+def test_each_pair_is_weighed_by_the_advantage_of_its_own_trajectory(tiny_pipeline_dir):
+    """At an epoch's first update the PPO ratio is 1, so the loss is −mean(A) over the update's (trajectory,
+    timestep) pairs, A being the pair's trajectory's advantage: a reward credited to another trajectory (or
+    looked up by timestep) trains the policy towards samples that did not earn it."""
+    method = set_up(tiny_pipeline_dir, timestep_fraction=0.5)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        batch = method.batch(0, g)  # samples the epoch
+        method.buffer["advantages"] = torch.tensor([0.1, 0.2, 0.4, 0.8, 1.6, 3.2])  # every subset sums apart
+        loss = method.loss(batch, g)
+    i = batch["pairs"][:, 0]
+    assert len(set(i.tolist())) == 2
+    torch.testing.assert_close(loss, -method.buffer["advantages"][i].mean(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_ppo_forward_scores_each_step_with_the_eta_that_sampled_it(tiny_pipeline_dir):
+    """With args.eta ≠ 1 the update's log-probabilities use the same η as the trajectories: at an epoch's
+    first update the ratio is then 1, not off by the density ratio of two different step variances."""
+    method = set_up(tiny_pipeline_dir, eta=0.5)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        method.loss(method.batch(0, g), g)
+    assert method.ratio_log()[0]["ratio_gap"] < 1e-5, method.ratio_log()
+
+
+def test_random_prompt_draws_reach_every_prompt_about_equally(tiny_pipeline_dir):
+    """prompt_draw random draws each trajectory's prompt uniformly over all of args.prompts (trl's prompt_fn)."""
+    method = set_up(tiny_pipeline_dir, prompts=["a cat", "a dog", "a cow"], samples_per_epoch=300)
+    counts = torch.bincount(method.draw_prompts(torch.Generator().manual_seed(0)), minlength=3)
+    assert len(counts) == 3 and counts.min() > 70, counts
+
+
+def test_the_ddpo_lora_has_the_rank_asked_for(tiny_pipeline_dir):
+    """args.lora_rank sets the adapter's rank (trl's example: 4), not a rank fixed in the code."""
+    method = set_up(tiny_pipeline_dir, use_lora=True, lora_rank=2)
+    ranks = {p.shape[0] for n, p in method.unet.named_parameters() if "lora_A" in n}
+    assert ranks == {2}
+
+
+def test_the_reward_sees_the_decoded_final_latents_in_zero_to_one(tiny_pipeline_dir, monkeypatch):
+    """The reward scores what the pipeline would show: the VAE decoding of x_0 / scaling_factor, mapped from
+    [−1, 1] to [0, 1] as diffusers' image processor does."""
+    import conceptbench.methods.ddpo as ddpo_module
+    from diffusers.image_processor import VaeImageProcessor
+
+    seen = []
+    monkeypatch.setattr(ddpo_module, "make_reward", lambda name, models, device, options=None:
+                        lambda images, prompts: seen.append(images) or images.mean(dim=(1, 2, 3)))
+    method = set_up(tiny_pipeline_dir, samples_per_epoch=2, sample_steps=2)
+    with torch.no_grad():
+        buffer = method.collect(0, torch.Generator().manual_seed(0))
+        decoded = method.vae.decode(buffer["latents"][:, -1] / method.vae.config.scaling_factor).sample
+    expected = VaeImageProcessor().postprocess(decoded, output_type="pt")
+    torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)

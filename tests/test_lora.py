@@ -1,4 +1,5 @@
-"""LoRA: zero-init adapters change nothing, fused equals unfused, save/load round trip, composition, Min-SNR."""
+"""LoRA: zero-init adapters change nothing, fused equals unfused, save/load round trip, composition, the α/r
+scale and lora_scale, Min-SNR."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conceptbench.methods.lora import LoRA, min_snr_weights
+from conceptbench.methods.lora import LoRA, min_snr_weights, weighted_mse
 from conceptbench.methods._lora import add_lora, fuse_loras, save_lora
+from conceptbench.models.tiny import SD15_SCHEDULE
 from conceptbench.train import TrainContext, train, train_config
 from conceptbench.train.method import load_base_pipeline
 
@@ -196,3 +198,98 @@ def test_a_drawn_image_comes_with_its_own_caption(caption_dir):
     assert len(set(captions)) == 4
     for image, caption in zip(pixels, captions):
         assert torch.equal(image, data.load(int(caption.rsplit(" ", 1)[1]))), caption  # "a drawing number i"
+
+
+def lora_layer(unet):
+    """The first adapted to_q of `unet`: (its name, its peft LoRA module)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    return next((n, m) for n, m in unet.named_modules() if isinstance(m, LoraLinear) and n.endswith(".to_q"))
+
+
+@pytest.mark.parametrize("alpha, scale", [(None, 1.0), (2.0, 0.5), (16.0, 4.0)])
+def test_the_adapter_update_is_b_times_a_scaled_by_alpha_over_rank(tiny_pipeline_dir, alpha, scale):
+    """lora_alpha null means α = r (scale 1), whatever the rank: with α fixed instead, the study's ranks 4, 8
+    and 16 would train updates of different scales and the rank sweep would measure the learning rate."""
+    unet = load_base_pipeline(tiny_pipeline_dir).unet
+    add_lora(unet, rank=4, alpha=alpha)
+    _, layer = lora_layer(unet)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+        x = torch.randn(3, layer.base_layer.in_features, generator=g)
+        update = layer(x) - layer.base_layer(x)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(update, scale * x @ a.T @ b.T, atol=1e-5, rtol=1e-4)
+
+
+def test_a_saved_adapter_keeps_its_alpha(tiny_pipeline_dir, tmp_path):
+    """The artifact carries α: loaded back and fused, an adapter with α ≠ r gives the outputs it had in
+    training, not those of the scale r/r = 1 the loader would otherwise assume."""
+    pipe = load_base_pipeline(tiny_pipeline_dir)
+    add_lora(pipe.unet, rank=4, alpha=16.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    trained = output(pipe.unet)
+    save_lora(pipe.unet, tmp_path / "a")
+    fused = fuse_loras(load_base_pipeline(tiny_pipeline_dir), [(tmp_path / "a", 1.0)])
+    torch.testing.assert_close(output(fused.unet), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_scale_weights_the_fused_update(tiny_pipeline_dir, tmp_path):
+    """args.lora_scale is the adapter's weight at sampling: each fused projection is W + lora_scale · B A."""
+    pipe = randomised_lora(tiny_pipeline_dir)
+    name, layer = lora_layer(pipe.unet)
+    update = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+    save_lora(pipe.unet, tmp_path / "a")
+    base = load_base_pipeline(tiny_pipeline_dir).unet.get_submodule(name).weight.detach()
+    spec = {"args": {"rank": 4, "lora_scale": 0.5}}
+    fused = LoRA.load_pipeline(tmp_path / "a", tiny_pipeline_dir, spec, torch.device("cpu")).unet.get_submodule(name)
+    torch.testing.assert_close(fused.weight.detach(), base + 0.5 * update, atol=1e-6, rtol=1e-5)
+
+
+def test_snr_is_signal_over_noise_as_diffusers_computes_it():
+    """Min-SNR weights need SNR = ᾱ/(1 − ᾱ); its inverse would weight the noisiest timesteps up, not down."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from conceptbench.methods.lora import snr
+
+    hand = snr(torch.tensor([0.5, 0.8, 0.2]), torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(hand, torch.tensor([1.0, 4.0, 0.25]))
+    scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULE.items() if k != "set_alpha_to_one"})
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(snr(scheduler.alphas_cumprod, t), compute_snr(scheduler, t))
+
+
+def test_weighted_mse_weights_each_samples_mean_error():
+    """Each sample's mean squared error times its weight, then the batch mean: a weighting that is dropped
+    or applied after the mean leaves Min-SNR training plain MSE."""
+    pred, target = torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    assert weighted_mse(pred, target).item() == pytest.approx(2.5)  # errors² 1 and 4
+    assert weighted_mse(pred, target, torch.tensor([1.0, 0.25])).item() == pytest.approx(1.0)  # (1 + 1) / 2
+
+
+def test_the_lora_loss_is_min_snr_weighted_when_snr_gamma_is_set(tiny_pipeline_dir, caption_dir):
+    """args.snr_gamma weights each sample's error by min(SNR, γ)/SNR; a loss that dropped the weights would
+    train the Min-SNR variant as plain MSE."""
+    spec = {"seed": 0, "resolution": 64, "train": {"steps": 1, "learning_rate": 1e-4, "batch_size": 4},
+            "args": {"rank": 4, "snr_gamma": 1.0}}
+    method = LoRA(spec["args"])
+    method.setup(TrainContext(spec=spec, base_model=tiny_pipeline_dir, data_dir=caption_dir, class_dir=None,
+                              device=torch.device("cpu"), mixed_precision="no"))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        batch = method.batch(0, g)
+        batch["timesteps"] = torch.tensor([5, 100, 600, 990])  # SNR from far above γ = 1 to far below
+        pred = method.unet(batch["noisy"], batch["timesteps"], batch["cond"]).sample
+        per_sample = ((pred - batch["target"]) ** 2).mean(dim=(1, 2, 3))
+        a = method.noise_scheduler.alphas_cumprod[batch["timesteps"]]
+        weights = torch.clamp(a / (1 - a), max=1.0) / (a / (1 - a))
+        loss = method.loss(batch, g)
+    assert weights.min() < 0.01 and weights.max() == 1.0
+    torch.testing.assert_close(loss, (per_sample * weights).mean())
+    assert not torch.allclose(loss, per_sample.mean(), rtol=1e-2)
