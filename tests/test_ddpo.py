@@ -282,7 +282,6 @@ def test_the_log_probability_uses_eta():
     torch.testing.assert_close(log_prob, by_hand, atol=1e-4, rtol=1e-5)
 
 
-
 def set_up(base, cls=DDPO, **args):
     """A DDPO set up on the tiny pipeline (32², brightness reward, the full U-Net unless args say otherwise)."""
     spec = {"seed": 0, "resolution": 32, "train": {"steps": 1, "learning_rate": 1e-3, "checkpoint_every": 0},
